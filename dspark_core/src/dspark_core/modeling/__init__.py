@@ -1,0 +1,1 @@
+"""Family-agnostic DSpark draft machinery. Importing this package imports torch."""

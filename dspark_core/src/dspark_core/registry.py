@@ -1,0 +1,529 @@
+"""Discovery of draft specs from installed plugins, and the lookup training code uses.
+
+Discovery reads the ``dspark.drafts`` entry points of every installed distribution, loads the
+selected plugin modules into a pluggy ``PluginManager``, calls each plugin's
+``dspark_draft_specs`` hook separately and merges the answers. It never imports model code:
+specs name their classes lazily. A plugin that fails is recorded and skipped (or, with
+``DSPARK_STRICT_PLUGINS=1``, raised), so one broken plugin cannot take the host down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as metadata
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType, SimpleNamespace
+from typing import Any, Literal
+
+import pluggy
+
+from dspark_core import hookspecs
+from dspark_core.errors import (
+    DraftSpecConflictError,
+    DraftSpecNotFoundError,
+    DSparkPluginWarning,
+    PluginLoadError,
+)
+from dspark_core.spec import DraftSpec, DSparkDraftSpec
+
+ENV_DISABLE = "DSPARK_DISABLE_PLUGINS"
+ENV_ALLOW = "DSPARK_PLUGINS"
+ENV_NO_AUTOLOAD = "DSPARK_DISABLE_PLUGIN_AUTOLOAD"
+ENV_STRICT = "DSPARK_STRICT_PLUGINS"
+
+_MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*(:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*)?$")
+
+PluginStatus = Literal["ok", "failed", "blocked"]
+EntryStatus = Literal["ok", "conflict"]
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One plugin: an entry point of an installed distribution, or an in-process registration."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    value: str | None
+    status: PluginStatus = "ok"
+
+    @property
+    def label(self) -> str:
+        """A human-readable origin, e.g. ``plugin 'qwen3' (dspark-qwen3 0.1.0)``."""
+        if self.distribution is None:
+            return f"in-process plugin {self.name!r}"
+        return f"plugin {self.name!r} ({self.distribution} {self.version})"
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that was skipped, and why."""
+
+    plugin: PluginInfo
+    stage: Literal["entry-point", "import", "validation", "hook", "result"]
+    error: str
+
+    def __str__(self) -> str:
+        where = f" = {self.plugin.value}" if self.plugin.value else ""
+        return f"{self.plugin.label}{where}: {self.stage} failed: {self.error}"
+
+
+@dataclass(frozen=True)
+class ArchitectureEntry:
+    """What the installed plugins say about one architecture."""
+
+    architecture: str
+    providers: tuple[tuple[PluginInfo, DraftSpec], ...]
+    status: EntryStatus
+
+    @property
+    def spec(self) -> DraftSpec:
+        """The resolved spec; raises the conflict error if plugins disagree."""
+        if self.status == "conflict":
+            raise DraftSpecConflictError(_conflict_message(self))
+        return self.providers[0][1]
+
+    @property
+    def plugin(self) -> PluginInfo:
+        """The plugin whose spec is used."""
+        return self.providers[0][0]
+
+
+@dataclass
+class DiscoveryReport:
+    """Everything one discovery pass found."""
+
+    entries: dict[str, ArchitectureEntry] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+    failures: list[PluginFailure] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    unknown_selection: list[str] = field(default_factory=list)
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _name_list(variable: str) -> set[str]:
+    raw = os.environ.get(variable, "")
+    return {_normalise(part.strip()) for part in raw.split(",") if part.strip()}
+
+
+def _flag(variable: str) -> bool:
+    return os.environ.get(variable, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _spec_reference(spec: DraftSpec) -> str:
+    if isinstance(spec, DSparkDraftSpec):
+        return spec.reference
+    return f"{type(spec).__module__}:{type(spec).__qualname__}"
+
+
+def _conflict_message(entry: ArchitectureEntry) -> str:
+    sides = "; ".join(f"{info.label} -> {_spec_reference(spec)}" for info, spec in entry.providers)
+    names = ", ".join(sorted({info.name for info, _ in entry.providers}))
+    return (
+        f"architecture {entry.architecture!r} is registered with different draft specs by several "
+        f"plugins: {sides}. Choose one by disabling the others, e.g. "
+        f"{ENV_DISABLE}=<entry-point or distribution name> (candidates: {names}), or uninstall one."
+    )
+
+
+def _looks_like_spec(value: object) -> bool:
+    # Checked statically: isinstance() against a runtime protocol would evaluate the draft_cls
+    # property on Python 3.11 and import the model, which discovery must never do.
+    if isinstance(value, DSparkDraftSpec):
+        return True
+    return any("draft_cls" in vars(klass) for klass in type(value).__mro__) or (
+        "draft_cls" in getattr(value, "__dict__", {})
+    )
+
+
+class DraftRegistry(Mapping[str, DraftSpec]):
+    """A read-only mapping from target architecture to draft spec, discovered lazily.
+
+    Only architectures that resolve cleanly are in the mapping; a conflicted architecture is left
+    out of iteration and ``in``, and looking it up raises :class:`DraftSpecConflictError`.
+    Register plugins at run time with :meth:`register_plugin` or :meth:`register_spec`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._report: DiscoveryReport | None = None
+        self._pid: int | None = None
+        self._in_process: list[tuple[str, object]] = []
+        self._overrides: dict[str, tuple[PluginInfo, DraftSpec]] = {}
+        self._autoload: bool | None = None
+        self._warned: set[str] = set()
+
+    # -- discovery ---------------------------------------------------------------------------
+
+    def report(self) -> DiscoveryReport:
+        """The result of discovery, running it once per process (again in a forked child)."""
+        with self._lock:
+            if self._report is None or self._pid != os.getpid():
+                report = self._discover()
+                self._report, self._pid = report, os.getpid()
+            return self._report
+
+    def refresh(self) -> None:
+        """Forget what was discovered, so the next lookup rescans installed distributions."""
+        with self._lock:
+            importlib.invalidate_caches()
+            self._report = None
+
+    def _discover(self) -> DiscoveryReport:
+        report = DiscoveryReport()
+        manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        manager.add_hookspecs(hookspecs)
+        infos: dict[str, PluginInfo] = {}
+
+        autoload = self._autoload if self._autoload is not None else not _flag(ENV_NO_AUTOLOAD)
+        if autoload:
+            self._load_entry_points(manager, infos, report)
+        for name, plugin in self._in_process:
+            info = PluginInfo(name=name, distribution=None, version=None, value=None)
+            self._register(manager, f"in-process:{name}", plugin, info, infos, report)
+
+        answers: list[tuple[PluginInfo, dict[str, DraftSpec]]] = []
+        for impl in manager.hook.dspark_draft_specs.get_hookimpls():
+            info = infos[impl.plugin_name]
+            try:
+                result = impl.function()
+            except Exception as exc:
+                self._fail(report, info, "hook", f"{type(exc).__name__}: {exc}")
+                continue
+            specs = self._validate_answer(result, info, report)
+            if specs is not None:
+                answers.append((info, specs))
+
+        self._merge(answers, report)
+        failed = {(f.plugin.name, f.plugin.distribution) for f in report.failures}
+        blocked = report.plugins
+        report.plugins = [
+            _with_status(p, "failed" if (p.name, p.distribution) in failed else "ok") for p in infos.values()
+        ] + blocked
+        if _flag(ENV_STRICT) and report.failures:
+            details = "\n  ".join(str(failure) for failure in report.failures)
+            raise PluginLoadError(
+                f"{len(report.failures)} dspark plugin(s) failed to load and {ENV_STRICT} is set:\n  "
+                f"{details}\nFix or uninstall them, or exclude them with {ENV_DISABLE}=<name>."
+            )
+        return report
+
+    def _load_entry_points(
+        self, manager: pluggy.PluginManager, infos: dict[str, PluginInfo], report: DiscoveryReport
+    ) -> None:
+        deny, allow = _name_list(ENV_DISABLE), _name_list(ENV_ALLOW)
+        matched: set[str] = set()
+        seen: set[str] = set()
+        for dist in metadata.distributions():
+            group = dist.entry_points.select(group=hookspecs.ENTRY_POINT_GROUP)
+            if not group:
+                continue
+            # Parsed once: on Python 3.11 every .metadata access re-reads the METADATA file.
+            dist_metadata = dist.metadata
+            dist_name, version = dist_metadata["Name"] or "", dist_metadata["Version"] or "?"
+            key = _normalise(dist_name)
+            if key in seen:
+                # The same distribution twice (stale metadata, or on two sys.path entries): the
+                # first one wins, as importlib itself resolves imports.
+                report.duplicates.append(f"{dist_name} {version}")
+                continue
+            seen.add(key)
+            for ep in group:
+                info = PluginInfo(name=ep.name, distribution=dist_name, version=version, value=ep.value)
+                names = {_normalise(ep.name), key}
+                matched |= names & (deny | allow)
+                if names & deny or (allow and not names & allow):
+                    report.plugins.append(_with_status(info, "blocked"))
+                    continue
+                if not _MODULE_PATH.match(ep.value.strip()):
+                    self._fail(
+                        report,
+                        info,
+                        "entry-point",
+                        f"malformed value {ep.value!r}; a dspark.drafts entry point names a module, "
+                        "e.g. 'dspark_family.plugin'",
+                    )
+                    infos[f"ep:{key}:{ep.name}"] = info
+                    continue
+                try:
+                    plugin = ep.load()
+                except Exception as exc:
+                    self._fail(report, info, "import", f"{type(exc).__name__}: {exc}")
+                    infos[f"ep:{key}:{ep.name}"] = info
+                    continue
+                self._register(manager, f"ep:{key}:{ep.name}", plugin, info, infos, report)
+        report.unknown_selection = sorted((deny | allow) - matched)
+        for name in report.unknown_selection:
+            self._warn_once(
+                f"selection:{name}",
+                f"{ENV_DISABLE}/{ENV_ALLOW} names {name!r}, which matches no installed dspark plugin "
+                "(give an entry-point name or a distribution name; see `dspark list`)",
+            )
+
+    def _register(
+        self,
+        manager: pluggy.PluginManager,
+        key: str,
+        plugin: object,
+        info: PluginInfo,
+        infos: dict[str, PluginInfo],
+        report: DiscoveryReport,
+    ) -> None:
+        infos[key] = info
+        try:
+            manager.register(plugin, name=key)
+            # Reports hook implementations with no matching spec, i.e. misspelt hook names.
+            manager.check_pending()
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            if manager.is_registered(plugin):
+                manager.unregister(plugin)
+            self._fail(report, info, "validation", str(exc))
+
+    def _validate_answer(
+        self, result: object, info: PluginInfo, report: DiscoveryReport
+    ) -> dict[str, DraftSpec] | None:
+        if not isinstance(result, Mapping):
+            self._fail(
+                report,
+                info,
+                "result",
+                f"dspark_draft_specs returned {type(result).__name__}; it must return a mapping of "
+                "architecture name to DSparkDraftSpec",
+            )
+            return None
+        specs: dict[str, DraftSpec] = {}
+        for architecture, spec in result.items():
+            if not isinstance(architecture, str) or not architecture:
+                self._fail(
+                    report, info, "result", f"architecture key {architecture!r} is not a non-empty str"
+                )
+                return None
+            if not _looks_like_spec(spec):
+                self._fail(
+                    report,
+                    info,
+                    "result",
+                    f"value for {architecture!r} is a {type(spec).__name__}, not a draft spec; "
+                    "use DSparkDraftSpec('package.module:ClassName')",
+                )
+                return None
+            if isinstance(spec, DSparkDraftSpec):
+                spec = spec.with_provider(info.label)
+            specs[architecture] = spec
+        return specs
+
+    def _merge(self, answers: list[tuple[PluginInfo, dict[str, DraftSpec]]], report: DiscoveryReport) -> None:
+        providers: dict[str, list[tuple[PluginInfo, DraftSpec]]] = {}
+        for info, specs in answers:
+            for architecture, spec in specs.items():
+                providers.setdefault(architecture, []).append((info, spec))
+        for architecture, (info, spec) in self._overrides.items():
+            providers[architecture] = [(info, spec)]
+        for architecture, found in providers.items():
+            distinct = {_spec_reference(spec) for _, spec in found}
+            status: EntryStatus = "ok" if len(distinct) == 1 else "conflict"
+            report.entries[architecture] = ArchitectureEntry(architecture, tuple(found), status)
+
+    def _fail(self, report: DiscoveryReport, info: PluginInfo, stage: Any, error: str) -> None:
+        failure = PluginFailure(plugin=_with_status(info, "failed"), stage=stage, error=error)
+        report.failures.append(failure)
+        self._warn_once(str(failure), f"skipping dspark {failure}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and not _flag(ENV_STRICT):
+            self._warned.add(key)
+            warnings.warn(message, DSparkPluginWarning, stacklevel=4)
+
+    # -- in-process registration -------------------------------------------------------------
+
+    def register_plugin(self, plugin: object, name: str | None = None) -> str:
+        """Register a plugin object (a module or an object with ``@hookimpl`` methods) in-process."""
+        plugin_name = name or getattr(plugin, "__name__", None) or f"plugin-{id(plugin):x}"
+        with self._lock:
+            if any(existing == plugin_name for existing, _ in self._in_process):
+                raise ValueError(
+                    f"an in-process dspark plugin named {plugin_name!r} is already registered; "
+                    "unregister it first, or use register_spec(..., override=True)"
+                )
+            self._in_process.append((plugin_name, plugin))
+            self._report = None
+        return plugin_name
+
+    def register_spec(
+        self, architecture: str, spec: DraftSpec | type[Any] | str, *, override: bool = False
+    ) -> None:
+        """Register one architecture's spec in-process.
+
+        By default it is merged like any plugin's answer, so a different spec for an architecture
+        another plugin provides is a conflict. ``override=True`` replaces every other provider.
+        """
+        if not isinstance(architecture, str) or not architecture:
+            raise TypeError(f"architecture must be a non-empty str, got {architecture!r}")
+        resolved: DraftSpec
+        if isinstance(spec, str | type):
+            resolved = DSparkDraftSpec(spec)
+        elif _looks_like_spec(spec):
+            resolved = spec
+        else:
+            raise TypeError(f"spec must be a draft spec, a class or a 'module:Class' string, got {spec!r}")
+        name = f"spec:{architecture}"
+        with self._lock:
+            if override:
+                info = PluginInfo(name=name, distribution=None, version=None, value=None)
+                self._overrides[architecture] = (info, resolved)
+                self._report = None
+                return
+            self.register_plugin(_single_spec_plugin(architecture, resolved), name=name)
+
+    def unregister(self, name: str) -> None:
+        """Remove an in-process plugin registered under ``name``."""
+        with self._lock:
+            before = len(self._in_process)
+            self._in_process = [(n, p) for n, p in self._in_process if n != name]
+            if len(self._in_process) == before:
+                raise KeyError(f"no in-process dspark plugin named {name!r}")
+            self._report = None
+
+    def _snapshot(self) -> tuple[Any, ...]:
+        return (list(self._in_process), dict(self._overrides), self._autoload)
+
+    def _restore(self, state: tuple[Any, ...]) -> None:
+        self._in_process, self._overrides, self._autoload = state[0], state[1], state[2]
+        self._report = None
+
+    # -- Mapping -----------------------------------------------------------------------------
+
+    def __getitem__(self, architecture: str) -> DraftSpec:
+        entry = self.report().entries.get(architecture)
+        if entry is None:
+            raise KeyError(architecture)
+        return entry.spec
+
+    def __contains__(self, architecture: object) -> bool:
+        entry = self.report().entries.get(architecture) if isinstance(architecture, str) else None
+        return entry is not None and entry.status == "ok"
+
+    def __iter__(self) -> Iterator[str]:
+        entries = self.report().entries
+        return iter([name for name, entry in entries.items() if entry.status == "ok"])
+
+    def __len__(self) -> int:
+        return sum(1 for entry in self.report().entries.values() if entry.status == "ok")
+
+    def __setitem__(self, key: str, value: object) -> None:
+        raise TypeError(
+            "DSPARK_DRAFT_REGISTRY is read-only. Register a family with a 'dspark.drafts' entry point, "
+            "or at run time with dspark_core.register_spec(architecture, spec) or register_plugin(module)."
+        )
+
+    def __delitem__(self, key: str) -> None:
+        self.__setitem__(key, None)
+
+    def __repr__(self) -> str:
+        return f"<DraftRegistry {sorted(self)}>"
+
+    # -- resolution --------------------------------------------------------------------------
+
+    def resolve(self, architectures: Sequence[str]) -> DraftSpec:
+        """The spec of the first architecture, in the caller's order, that a plugin provides."""
+        return self.resolve_entry(architectures).spec
+
+    def resolve_entry(self, architectures: Sequence[str]) -> ArchitectureEntry:
+        """Like :meth:`resolve`, but returns the whole entry (which architecture, which plugin)."""
+        names = _check_architectures(architectures)
+        report = self.report()
+        for name in names:
+            entry = report.entries.get(name)
+            if entry is not None:
+                entry.spec  # noqa: B018 - raises the conflict error here rather than at the caller
+                return entry
+        raise DraftSpecNotFoundError(_not_found_message(names, report))
+
+
+def _with_status(info: PluginInfo, status: PluginStatus = "failed") -> PluginInfo:
+    return PluginInfo(info.name, info.distribution, info.version, info.value, status)
+
+
+def _single_spec_plugin(architecture: str, spec: DraftSpec) -> object:
+    @hookspecs.hookimpl
+    def dspark_draft_specs() -> Mapping[str, DraftSpec]:
+        return {architecture: spec}
+
+    return SimpleNamespace(dspark_draft_specs=dspark_draft_specs)
+
+
+def _check_architectures(architectures: object) -> list[str]:
+    if isinstance(architectures, str | bytes):
+        raise TypeError(
+            f"architectures must be a sequence of names such as config.architectures, not a bare "
+            f"string; did you mean [{architectures!r}]?"
+        )
+    if architectures is None or not isinstance(architectures, Iterable):
+        raise TypeError(f"architectures must be a sequence of str, got {type(architectures).__name__}")
+    names = list(architectures)
+    if not names:
+        raise ValueError("architectures is empty; the target config names no architecture")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"architectures must contain only str, got {type(name).__name__} {name!r}")
+    return names
+
+
+def _family_guess(architecture: str) -> str:
+    stem = re.sub(r"(For[A-Z]\w*|Model|LMHeadModel)$", "", architecture)
+    return re.sub(r"[^a-z0-9]+", "", stem.lower()) or "<family>"
+
+
+def _not_found_message(names: list[str], report: DiscoveryReport) -> str:
+    supported = sorted(report.entries) or ["none"]
+    lines = [
+        f"no DSpark draft is registered for architectures {names}.",
+        f"Supported architectures: {', '.join(supported)}.",
+    ]
+    if report.failures:
+        lines.append("Plugins that failed to load: " + "; ".join(str(f) for f in report.failures) + ".")
+    blocked = [p.label for p in report.plugins if p.status == "blocked"]
+    if blocked:
+        lines.append(f"Plugins blocked by {ENV_DISABLE}/{ENV_ALLOW}: {', '.join(blocked)}.")
+    lines.append(
+        f"Install the family's plugin, usually `pip install dspark-<family>` "
+        f"(e.g. `pip install dspark-{_family_guess(names[0])}`), then retry."
+    )
+    return " ".join(lines)
+
+
+DSPARK_DRAFT_REGISTRY = DraftRegistry()
+
+
+def resolve_dspark_draft_spec(architectures: Sequence[str]) -> DraftSpec:
+    """Return the draft spec for a target's ``config.architectures``.
+
+    The first architecture, in the given order, that an installed plugin registers wins.
+    Raises ``TypeError`` for a bare string, ``ValueError`` for an empty sequence,
+    :class:`DraftSpecNotFoundError` (a ``ValueError``) when nothing matches and
+    :class:`DraftSpecConflictError` when two distributions disagree on the winning architecture.
+    """
+    return DSPARK_DRAFT_REGISTRY.resolve(architectures)
+
+
+def refresh() -> None:
+    """Rescan installed plugins, e.g. after a ``pip install`` in a running session."""
+    DSPARK_DRAFT_REGISTRY.refresh()
+
+
+def register_plugin(plugin: ModuleType | object, name: str | None = None) -> str:
+    """Register a plugin module or object in-process (see :meth:`DraftRegistry.register_plugin`)."""
+    return DSPARK_DRAFT_REGISTRY.register_plugin(plugin, name)
+
+
+def register_spec(architecture: str, spec: DraftSpec | type[Any] | str, *, override: bool = False) -> None:
+    """Register one architecture in-process (see :meth:`DraftRegistry.register_spec`)."""
+    DSPARK_DRAFT_REGISTRY.register_spec(architecture, spec, override=override)

@@ -1,0 +1,28 @@
+"""Registry isolation for tests, notebooks and third-party plugin authors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from dspark_core.registry import DSPARK_DRAFT_REGISTRY, DraftRegistry
+
+
+@contextmanager
+def isolated_registry(*, autoload: bool | None = None) -> Iterator[DraftRegistry]:
+    """Run a block with its own in-process registrations, restored afterwards.
+
+    ``autoload=False`` hides installed entry points, so only what the block registers is seen;
+    ``None`` follows ``DSPARK_DISABLE_PLUGIN_AUTOLOAD``. Discovery is redone on entry and exit.
+    """
+    registry = DSPARK_DRAFT_REGISTRY
+    with registry._lock:
+        saved = registry._snapshot()
+        registry._autoload = autoload
+        registry.refresh()
+    try:
+        yield registry
+    finally:
+        with registry._lock:
+            registry._restore(saved)
+            registry.refresh()

@@ -1,0 +1,478 @@
+"""Discovery through real dist-info metadata: registration, conflicts, failures, selection."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import pytest
+from conftest import spec_plugin_source
+
+import dspark_core
+from dspark_core import (
+    DSPARK_DRAFT_REGISTRY,
+    DraftClassImportError,
+    DraftSpecConflictError,
+    DraftSpecNotFoundError,
+    DSparkDraftSpec,
+    DSparkPluginWarning,
+    PluginLoadError,
+    hookimpl,
+    resolve_dspark_draft_spec,
+)
+
+
+def test_one_plugin_registers_two_architectures(plugin_site):
+    plugin_site(
+        "fam-alpha",
+        "1.2",
+        entry_points={"alpha": "fam_alpha"},
+        modules={
+            "fam_alpha": spec_plugin_source(
+                {"AlphaForCausalLM": "fam_alpha_model:Draft", "AlphaMoeForCausalLM": "fam_alpha_model:Draft"}
+            )
+        },
+    )
+    assert "AlphaForCausalLM" in DSPARK_DRAFT_REGISTRY
+    assert "AlphaMoeForCausalLM" in DSPARK_DRAFT_REGISTRY
+    spec = resolve_dspark_draft_spec(["AlphaMoeForCausalLM"])
+    assert spec.reference == "fam_alpha_model:Draft"
+    assert DSPARK_DRAFT_REGISTRY["AlphaForCausalLM"] == spec
+    entry = DSPARK_DRAFT_REGISTRY.report().entries["AlphaForCausalLM"]
+    assert (entry.plugin.distribution, entry.plugin.version, entry.plugin.name) == (
+        "fam-alpha",
+        "1.2",
+        "alpha",
+    )
+
+
+def test_two_plugins_with_different_architectures(plugin_site):
+    plugin_site(
+        "fam-a", entry_points={"a": "fam_a"}, modules={"fam_a": spec_plugin_source({"AForLM": "fam_a:A"})}
+    )
+    plugin_site(
+        "fam-b", entry_points={"b": "fam_b"}, modules={"fam_b": spec_plugin_source({"BForLM": "fam_b:B"})}
+    )
+    assert {"AForLM", "BForLM"} <= set(DSPARK_DRAFT_REGISTRY)
+    assert len(DSPARK_DRAFT_REGISTRY) >= 2
+    assert resolve_dspark_draft_spec(["BForLM"]).reference == "fam_b:B"
+
+
+def test_first_registered_architecture_in_caller_order_wins(plugin_site):
+    plugin_site(
+        "fam-a",
+        entry_points={"a": "fam_a"},
+        modules={"fam_a": spec_plugin_source({"AForLM": "fam_a:A", "A2ForLM": "fam_a:A2"})},
+    )
+    assert resolve_dspark_draft_spec(["Unknown", "A2ForLM", "AForLM"]).reference == "fam_a:A2"
+    assert resolve_dspark_draft_spec(("AForLM", "A2ForLM")).reference == "fam_a:A"
+
+
+def test_conflict_names_both_distributions_and_other_architectures_still_resolve(plugin_site):
+    plugin_site(
+        "fam-one",
+        "1.0",
+        entry_points={"one": "fam_one"},
+        modules={"fam_one": spec_plugin_source({"SharedForLM": "fam_one:D", "OneForLM": "fam_one:D"})},
+    )
+    plugin_site(
+        "fam-two",
+        "2.5",
+        entry_points={"two": "fam_two"},
+        modules={"fam_two": spec_plugin_source({"SharedForLM": "fam_two:D"})},
+    )
+    with pytest.raises(DraftSpecConflictError) as info:
+        resolve_dspark_draft_spec(["SharedForLM"])
+    message = str(info.value)
+    assert "fam-one 1.0" in message and "fam-two 2.5" in message
+    assert "DSPARK_DISABLE_PLUGINS" in message
+    assert isinstance(info.value, ValueError)
+    assert "SharedForLM" not in DSPARK_DRAFT_REGISTRY
+    with pytest.raises(DraftSpecConflictError):
+        DSPARK_DRAFT_REGISTRY["SharedForLM"]
+    assert resolve_dspark_draft_spec(["OneForLM"]).reference == "fam_one:D"
+
+
+def test_conflict_is_resolved_by_the_deny_list(plugin_site, monkeypatch):
+    plugin_site(
+        "fam-one",
+        entry_points={"one": "fam_one"},
+        modules={"fam_one": spec_plugin_source({"SharedForLM": "fam_one:D"})},
+    )
+    plugin_site(
+        "fam-two",
+        entry_points={"two": "fam_two"},
+        modules={"fam_two": spec_plugin_source({"SharedForLM": "fam_two:D"})},
+    )
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "fam-two")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    assert resolve_dspark_draft_spec(["SharedForLM"]).reference == "fam_one:D"
+
+
+def test_same_spec_from_two_distributions_is_not_a_conflict(plugin_site):
+    plugin_site(
+        "fam-one",
+        entry_points={"one": "fam_one"},
+        modules={"fam_one": spec_plugin_source({"SameForLM": "fam_shared:D"})},
+    )
+    plugin_site(
+        "fam-two",
+        entry_points={"two": "fam_two"},
+        modules={"fam_two": spec_plugin_source({"SameForLM": "fam_shared:D"})},
+    )
+    assert resolve_dspark_draft_spec(["SameForLM"]).reference == "fam_shared:D"
+
+
+def test_same_distribution_found_twice_is_deduplicated(plugin_site, tmp_path, monkeypatch):
+    from conftest import write_distribution
+
+    source = spec_plugin_source({"TwiceForLM": "fam_twice:D"})
+    plugin_site("fam-twice", "1.0", entry_points={"twice": "fam_twice"}, modules={"fam_twice": source})
+    # A stale second copy of the same distribution on another sys.path entry.
+    other = tmp_path / "other-site"
+    write_distribution(other, "fam-twice", "0.9", entry_points={"twice": "fam_twice"})
+    monkeypatch.syspath_prepend(str(other))
+    DSPARK_DRAFT_REGISTRY.refresh()
+    assert resolve_dspark_draft_spec(["TwiceForLM"]).reference == "fam_twice:D"
+    report = DSPARK_DRAFT_REGISTRY.report()
+    assert report.entries["TwiceForLM"].status == "ok"
+    assert len(report.entries["TwiceForLM"].providers) == 1
+    assert any(d.startswith("fam-twice") for d in report.duplicates)
+
+
+def _other_plugin(plugin_site):
+    plugin_site(
+        "fam-good",
+        entry_points={"good": "fam_good"},
+        modules={"fam_good": spec_plugin_source({"GoodForLM": "fam_good:D"})},
+    )
+
+
+def _failure_for(distribution):
+    return [f for f in DSPARK_DRAFT_REGISTRY.report().failures if f.plugin.distribution == distribution]
+
+
+def test_plugin_with_import_error_is_recorded_and_skipped(plugin_site):
+    _other_plugin(plugin_site)
+    plugin_site(
+        "fam-broken",
+        "3.1",
+        entry_points={"broken": "fam_broken"},
+        modules={"fam_broken": "import fam_module_that_does_not_exist\n"},
+    )
+    with pytest.warns(DSparkPluginWarning, match="fam-broken 3.1"):
+        assert resolve_dspark_draft_spec(["GoodForLM"]).reference == "fam_good:D"
+    (failure,) = _failure_for("fam-broken")
+    assert failure.stage == "import"
+    assert failure.plugin.name == "broken" and failure.plugin.version == "3.1"
+    assert "fam_module_that_does_not_exist" in failure.error
+    with pytest.raises(DraftSpecNotFoundError, match="fam-broken"):
+        resolve_dspark_draft_spec(["BrokenForLM"])
+
+
+def test_failure_is_warned_about_once(plugin_site):
+    plugin_site(
+        "fam-broken",
+        entry_points={"broken": "fam_broken"},
+        modules={"fam_broken": "raise RuntimeError('x')\n"},
+    )
+    with pytest.warns(DSparkPluginWarning) as record:
+        list(DSPARK_DRAFT_REGISTRY)
+        DSPARK_DRAFT_REGISTRY.refresh()
+        list(DSPARK_DRAFT_REGISTRY)
+    assert len([w for w in record if "fam-broken" in str(w.message)]) == 1
+
+
+def test_hook_that_raises_is_recorded_and_skipped(plugin_site):
+    _other_plugin(plugin_site)
+    source = (
+        "from dspark_core import hookimpl\n\n"
+        "@hookimpl\ndef dspark_draft_specs():\n    raise KeyError('boom')\n"
+    )
+    plugin_site("fam-raises", entry_points={"raises": "fam_raises"}, modules={"fam_raises": source})
+    with pytest.warns(DSparkPluginWarning, match="fam-raises"):
+        assert "GoodForLM" in DSPARK_DRAFT_REGISTRY
+    (failure,) = _failure_for("fam-raises")
+    assert failure.stage == "hook" and "boom" in failure.error
+
+
+@pytest.mark.parametrize(
+    "returned",
+    ["['not', 'a', 'mapping']", "{1: DSparkDraftSpec('fam_x:D')}", "{'XForLM': 'fam_x:D'}", "None"],
+)
+def test_invalid_return_value_is_recorded_and_skipped(plugin_site, returned):
+    _other_plugin(plugin_site)
+    source = (
+        "from dspark_core import DSparkDraftSpec, hookimpl\n\n"
+        f"@hookimpl\ndef dspark_draft_specs():\n    return {returned}\n"
+    )
+    plugin_site("fam-invalid", entry_points={"invalid": "fam_invalid"}, modules={"fam_invalid": source})
+    with pytest.warns(DSparkPluginWarning, match="fam-invalid"):
+        assert "GoodForLM" in DSPARK_DRAFT_REGISTRY
+    (failure,) = _failure_for("fam-invalid")
+    assert failure.stage == "result"
+    assert "XForLM" not in DSPARK_DRAFT_REGISTRY
+
+
+def test_malformed_entry_point_is_recorded_and_skipped(plugin_site):
+    _other_plugin(plugin_site)
+    plugin_site("fam-malformed", entry_points={"malformed": "not a module path!"})
+    with pytest.warns(DSparkPluginWarning, match="malformed"):
+        assert "GoodForLM" in DSPARK_DRAFT_REGISTRY
+    (failure,) = _failure_for("fam-malformed")
+    assert failure.stage == "entry-point"
+
+
+def test_misspelt_hook_is_reported_by_pluggy_validation(plugin_site):
+    source = (
+        "from dspark_core import DSparkDraftSpec, hookimpl\n\n"
+        "@hookimpl\ndef dspark_draft_spec():\n    return {'TypoForLM': DSparkDraftSpec('fam_typo:D')}\n"
+    )
+    plugin_site("fam-typo", entry_points={"typo": "fam_typo"}, modules={"fam_typo": source})
+    with pytest.warns(DSparkPluginWarning, match="dspark_draft_spec"):
+        assert "TypoForLM" not in DSPARK_DRAFT_REGISTRY
+    (failure,) = _failure_for("fam-typo")
+    assert failure.stage == "validation"
+
+
+def test_strict_mode_turns_failures_into_errors(plugin_site, monkeypatch):
+    _other_plugin(plugin_site)
+    plugin_site("fam-broken", entry_points={"broken": "fam_broken"}, modules={"fam_broken": "1/0\n"})
+    monkeypatch.setenv("DSPARK_STRICT_PLUGINS", "1")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with pytest.raises(PluginLoadError, match="fam-broken"):
+        resolve_dspark_draft_spec(["GoodForLM"])
+
+
+def _selection_site(plugin_site):
+    plugin_site(
+        "fam-keep",
+        entry_points={"keep": "fam_keep"},
+        modules={"fam_keep": spec_plugin_source({"KeepForLM": "fam_keep:D"})},
+    )
+    plugin_site(
+        "fam-drop",
+        entry_points={"drop": "fam_drop"},
+        modules={"fam_drop": "raise AssertionError('fam_drop must not be imported')\n"},
+    )
+
+
+@pytest.mark.parametrize("deny", ["drop", "fam-drop", "fam_drop", " fam-drop ,"])
+def test_deny_list_imports_nothing_it_names(plugin_site, monkeypatch, deny):
+    _selection_site(plugin_site)
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", deny)
+    DSPARK_DRAFT_REGISTRY.refresh()
+    assert "KeepForLM" in DSPARK_DRAFT_REGISTRY
+    assert "fam_drop" not in sys.modules
+    blocked = [p for p in DSPARK_DRAFT_REGISTRY.report().plugins if p.status == "blocked"]
+    assert [p.distribution for p in blocked] == ["fam-drop"]
+
+
+def test_allow_list_imports_only_what_it_names(plugin_site, monkeypatch):
+    _selection_site(plugin_site)
+    monkeypatch.setenv("DSPARK_PLUGINS", "keep")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    assert list(DSPARK_DRAFT_REGISTRY) == ["KeepForLM"]
+    assert "fam_drop" not in sys.modules
+
+
+def test_autoload_off_loads_no_entry_points(plugin_site, monkeypatch):
+    _selection_site(plugin_site)
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGIN_AUTOLOAD", "1")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    assert len(DSPARK_DRAFT_REGISTRY) == 0
+    assert "fam_keep" not in sys.modules and "fam_drop" not in sys.modules
+
+
+def test_unknown_selection_name_warns(plugin_site, monkeypatch):
+    _other_plugin(plugin_site)
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "fam-nonexistent")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with pytest.warns(DSparkPluginWarning, match="fam-nonexistent"):
+        assert "GoodForLM" in DSPARK_DRAFT_REGISTRY
+
+
+def test_refresh_sees_a_distribution_installed_after_discovery(plugin_site):
+    from conftest import write_distribution
+
+    _other_plugin(plugin_site)
+    assert "LateForLM" not in DSPARK_DRAFT_REGISTRY
+    write_distribution(
+        plugin_site.site,
+        "fam-late",
+        entry_points={"late": "fam_late"},
+        modules={"fam_late": spec_plugin_source({"LateForLM": "fam_late:D"})},
+    )
+    assert "LateForLM" not in DSPARK_DRAFT_REGISTRY  # cached until refresh()
+    dspark_core.refresh()
+    assert resolve_dspark_draft_spec(["LateForLM"]).reference == "fam_late:D"
+
+
+def test_discovery_runs_once_and_is_thread_safe(plugin_site):
+    counter = "fam_counted_calls"
+    source = (
+        "import builtins\nfrom dspark_core import DSparkDraftSpec, hookimpl\n\n"
+        "@hookimpl\ndef dspark_draft_specs():\n"
+        f"    builtins.{counter} = getattr(builtins, {counter!r}, 0) + 1\n"
+        "    return {'CountedForLM': DSparkDraftSpec('fam_counted:D')}\n"
+    )
+    plugin_site("fam-counted", entry_points={"counted": "fam_counted"}, modules={"fam_counted": source})
+    import builtins
+
+    threads = [threading.Thread(target=lambda: "CountedForLM" in DSPARK_DRAFT_REGISTRY) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert getattr(builtins, counter) == 1
+    delattr(builtins, counter)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_discovery_is_redone_in_a_forked_child(plugin_site):
+    _other_plugin(plugin_site)
+    assert "GoodForLM" in DSPARK_DRAFT_REGISTRY
+    parent_report = DSPARK_DRAFT_REGISTRY.report()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(read)
+        redone = DSPARK_DRAFT_REGISTRY.report() is not parent_report
+        os.write(write, b"1" if redone and "GoodForLM" in DSPARK_DRAFT_REGISTRY else b"0")
+        os._exit(0)
+    os.close(write)
+    result = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert result == b"1"
+    assert DSPARK_DRAFT_REGISTRY.report() is parent_report
+
+
+def test_registry_is_read_only():
+    with pytest.raises(TypeError, match="register_spec"):
+        DSPARK_DRAFT_REGISTRY["XForLM"] = DSparkDraftSpec("fam_x:D")  # type: ignore[index]
+    with pytest.raises(TypeError, match="read-only"):
+        del DSPARK_DRAFT_REGISTRY["XForLM"]  # type: ignore[attr-defined]
+
+
+def test_bare_string_is_a_type_error():
+    with pytest.raises(TypeError, match=r"\['Qwen3ForCausalLM'\]"):
+        resolve_dspark_draft_spec("Qwen3ForCausalLM")  # type: ignore[arg-type]
+
+
+def test_empty_and_non_string_architectures():
+    with pytest.raises(ValueError, match="empty"):
+        resolve_dspark_draft_spec([])
+    with pytest.raises(TypeError):
+        resolve_dspark_draft_spec([1])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        resolve_dspark_draft_spec(None)  # type: ignore[arg-type]
+
+
+def test_no_match_error_names_requested_supported_and_hint(plugin_site):
+    _other_plugin(plugin_site)
+    with pytest.raises(DraftSpecNotFoundError) as info:
+        resolve_dspark_draft_spec(["LlamaForCausalLM", "MistralForCausalLM"])
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert "LlamaForCausalLM" in message and "MistralForCausalLM" in message
+    assert "GoodForLM" in message
+    assert "pip install dspark-llama" in message
+
+
+def test_in_process_registration_and_fixture(dspark_registry):
+    assert len(dspark_registry) == 0  # installed plugins are hidden by the fixture
+    dspark_core.register_spec("InlineForLM", "fam_inline:D")
+
+    class Plugin:
+        @hookimpl
+        def dspark_draft_specs(self):
+            return {"ObjForLM": DSparkDraftSpec("fam_obj:D")}
+
+    name = dspark_core.register_plugin(Plugin(), name="obj")
+    assert resolve_dspark_draft_spec(["InlineForLM"]).reference == "fam_inline:D"
+    assert resolve_dspark_draft_spec(["ObjForLM"]).reference == "fam_obj:D"
+    dspark_registry.unregister(name)
+    assert "ObjForLM" not in dspark_registry
+
+
+def test_in_process_registration_conflicts_unless_override(plugin_site):
+    plugin_site(
+        "fam-one",
+        entry_points={"one": "fam_one"},
+        modules={"fam_one": spec_plugin_source({"XForLM": "fam_one:D"})},
+    )
+    DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Second")
+    try:
+        with pytest.raises(DraftSpecConflictError, match="fam-one"):
+            resolve_dspark_draft_spec(["XForLM"])
+        with pytest.raises(ValueError, match="override=True"):
+            DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third")
+        DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third", override=True)
+        assert resolve_dspark_draft_spec(["XForLM"]).reference == "fam_x:Third"
+    finally:
+        DSPARK_DRAFT_REGISTRY._restore(([], {}, None))
+
+
+def test_isolation_restores_previous_state():
+    with dspark_core.isolated_registry(autoload=False) as registry:
+        registry.register_spec("TempForLM", "fam_temp:D")
+        assert "TempForLM" in registry
+    assert "TempForLM" not in DSPARK_DRAFT_REGISTRY
+
+
+def test_lazy_spec_imports_on_first_access_and_names_the_plugin(plugin_site):
+    plugin_site(
+        "fam-lazy",
+        "0.3",
+        entry_points={"lazy": "fam_lazy"},
+        modules={
+            "fam_lazy": spec_plugin_source(
+                {"LazyForLM": "fam_lazy_model:Draft", "GoneForLM": "fam_gone_model:Draft"}
+            ),
+            "fam_lazy_model": "class Draft:\n    pass\n",
+        },
+    )
+    spec = resolve_dspark_draft_spec(["LazyForLM"])
+    assert "fam_lazy_model" not in sys.modules
+    assert spec.draft_cls.__name__ == "Draft"
+    assert "fam_lazy_model" in sys.modules
+    assert spec.draft_cls is spec.draft_cls
+    with pytest.raises(DraftClassImportError) as info:
+        resolve_dspark_draft_spec(["GoneForLM"]).draft_cls  # noqa: B018
+    assert "fam_gone_model:Draft" in str(info.value) and "fam-lazy 0.3" in str(info.value)
+
+
+def test_spec_is_frozen_hashable_and_compares_by_reference():
+    from collections import OrderedDict
+
+    by_class = DSparkDraftSpec(OrderedDict)
+    by_name = DSparkDraftSpec("collections:OrderedDict")
+    assert by_class == by_name and hash(by_class) == hash(by_name)
+    assert by_name.draft_cls is OrderedDict
+    assert by_class != DSparkDraftSpec("collections:Counter")
+    with pytest.raises(AttributeError):
+        by_class.provider = "x"  # type: ignore[misc]
+    with pytest.raises(ValueError, match="malformed"):
+        DSparkDraftSpec("no_colon_here")
+    assert isinstance(by_class, dspark_core.DraftSpec)
+
+
+def test_concurrent_first_access_imports_once(tmp_path, monkeypatch):
+    (tmp_path / "fam_slow.py").write_text(
+        "import builtins, time\nbuiltins.fam_slow_imports = getattr(builtins, 'fam_slow_imports', 0) + 1\n"
+        "time.sleep(0.2)\nclass Draft:\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = DSparkDraftSpec("fam_slow:Draft")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(spec.draft_cls)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    import builtins
+
+    assert builtins.fam_slow_imports == 1 and len({id(cls) for cls in results}) == 1
+    del builtins.fam_slow_imports
+    sys.modules.pop("fam_slow", None)
