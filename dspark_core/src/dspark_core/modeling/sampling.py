@@ -1,0 +1,66 @@
+"""Temperature, top-k and top-p filtering shared by the draft and the verifier.
+
+Speculative sampling is lossless only if the draft's ``q`` and the target's ``p`` are filtered by the
+same rule, so both sides call :func:`filtered_probs`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["filtered_probs"]
+
+
+def filtered_probs(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Return the float32 distribution over the last dim of ``logits`` after filtering.
+
+    Args:
+        logits: ``[..., V]`` unnormalised scores, any floating dtype.
+        temperature: ``0`` means greedy: a one-hot at the argmax (the first on ties), ignoring
+            ``top_k`` and ``top_p``. Otherwise the logits are divided by it before the filters.
+        top_k: keep exactly the ``top_k`` highest-scoring tokens (``None`` keeps all).
+        top_p: after top-k, keep the smallest set of most probable tokens whose total probability
+            reaches ``top_p`` (``None`` or ``1.0`` keeps all). The most probable token is always kept.
+
+    Returns:
+        ``[..., V]`` float32 probabilities; each row sums to 1 and is zero outside the kept set.
+
+    Raises:
+        ValueError: on a negative temperature, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+    scores = logits.float()
+    vocab = scores.shape[-1]
+    if temperature == 0:
+        index = scores.argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(scores).scatter_(-1, index, 1.0)
+
+    scores = scores / temperature
+    if top_k is not None and top_k < vocab:
+        # Keep exactly k entries (topk breaks ties by index), rather than everything >= the k-th value.
+        kept = scores.topk(top_k, dim=-1).indices
+        keep_mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, kept, True)
+        scores = scores.masked_fill(~keep_mask, float("-inf"))
+
+    probs = torch.softmax(scores, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # A token is in the nucleus iff the mass strictly before it is still short of top_p.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_keep = mass_before < top_p
+        keep_mask = torch.zeros_like(sorted_keep).scatter_(-1, order, sorted_keep)
+        probs = probs.masked_fill(~keep_mask, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
