@@ -1,0 +1,132 @@
+"""Attention kernels and rotary embeddings shared by every draft backbone.
+
+A draft layer attends from the block's queries to ``[context ; block]`` keys, under a mask from
+:mod:`dspark_core.modeling.masks` (or none at decode time). Three paths give the same result:
+``sdpa`` (CPU and GPU), ``eager`` (reference, fp32 softmax) and ``flex_attention`` (CUDA training).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from dspark_core.errors import DraftConfigError
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., Any]:
+    # Uncompiled flex attention materialises the full score matrix; compile it once per process.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def block_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | BlockMask | None,
+    *,
+    implementation: str,
+    scaling: float,
+) -> Tensor:
+    """Attention of ``query [b, h, Q, d]`` over ``key``/``value [b, kv_h, K, d]`` (grouped heads).
+
+    ``mask`` is an additive float mask ``[b, 1, Q, K]`` for ``sdpa``/``eager``, a ``BlockMask`` for
+    ``flex_attention``, or ``None`` for full attention. Returns ``[b, Q, h, d]``.
+    """
+    groups = query.shape[1] // key.shape[1]
+    if implementation == "flex_attention":
+        if mask is not None and not isinstance(mask, BlockMask):
+            raise TypeError(
+                "flex_attention needs a BlockMask (see dspark_core.modeling.masks.flex_block_mask)"
+            )
+        kernel = _compiled_flex_attention() if query.is_cuda else flex_attention
+        out = kernel(query, key, value, block_mask=mask, scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2)
+    if isinstance(mask, BlockMask):
+        raise TypeError(f"{implementation} attention needs a dense additive mask, not a BlockMask")
+    if implementation == "sdpa":
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
+        )
+        return out.transpose(1, 2)
+    if implementation == "eager":
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+        if mask is not None:
+            scores = scores + mask
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(weights, value).transpose(1, 2)
+    raise DraftConfigError(
+        f"attention implementation {implementation!r} is not supported by DSpark drafts; "
+        f"use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+    )
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [b, h, T, d]`` by ``cos``/``sin [b, T, d]``."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE whose ``inv_freq`` stays float32 whatever the model is cast to.
+
+    A bf16 ``inv_freq`` drifts in phase as positions grow, which lowers acceptance, so every
+    ``.to(dtype)``/``.half()`` recomputes the frequencies in float32 (on the buffer's device).
+    """
+
+    inv_freq: Tensor
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+        inv_freq, self.attention_scaling = self._frequencies()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _frequencies(self) -> tuple[Tensor, float]:
+        parameters = getattr(self.config, "rope_parameters", None) or {}
+        rope_type = parameters.get("rope_type", "default")
+        if rope_type == "default":
+            base = float(parameters.get("rope_theta", getattr(self.config, "rope_theta", 10000.0)))
+            dim = getattr(self.config, "head_dim", None) or (
+                self.config.hidden_size // self.config.num_attention_heads
+            )
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            return inv_freq.float(), 1.0
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+        return inv_freq.float(), float(scaling)
+
+    def reset_frequencies(self) -> None:
+        device = self.inv_freq.device
+        if device.type == "meta":
+            return
+        self.inv_freq = self._frequencies()[0].to(device)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:  # type: ignore[override]
+        super()._apply(fn, recurse)
+        self.reset_frequencies()
+        return self
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of shape ``[b, T, d]`` for ``position_ids [b, T]``, computed in float32."""
+        freqs = position_ids.unsqueeze(-1).float() * self.inv_freq.float()
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos = angles.cos() * self.attention_scaling
+        sin = angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)

@@ -1,0 +1,160 @@
+"""The DSpark fields of a draft config, their defaults and their validation.
+
+A family's config builder copies what its backbone needs from the target config, then calls
+:func:`apply_dspark_fields`; every draft model validates its config with
+:func:`validate_dspark_config` on construction, so a hand-edited ``config.json`` fails with a
+message naming the field rather than deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dspark_core.errors import DraftConfigError
+from dspark_core.layer_ids import build_target_layer_ids
+from dspark_core.modeling.markov import MARKOV_HEAD_TYPES
+
+
+class TargetLayerWarning(UserWarning):
+    """A feature layer that some serving engines (SGLang) cannot capture."""
+
+
+@dataclass(frozen=True)
+class DSparkDraftOptions:
+    """What a user chooses when building a draft; ``None`` means the method's default."""
+
+    num_draft_layers: int = 5
+    block_size: int = 7
+    target_layer_ids: Sequence[int] | None = None
+    num_feature_layers: int | None = None
+    mask_token_id: int | None = None
+    num_anchors: int = 512
+    markov_rank: int = 256
+    markov_head_type: str = "vanilla"
+    enable_confidence_head: bool = True
+    confidence_head_with_markov: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _require_int(field: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DraftConfigError(f"`{field}` must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise DraftConfigError(f"`{field}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _token_ids(config: Any, name: str) -> set[int]:
+    value = getattr(config, name, None)
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    return {int(v) for v in value}
+
+
+def check_target_layer_ids(ids: Sequence[int], num_target_layers: int) -> list[int]:
+    """Validate feature layer ids against the target's depth; warns for SGLang-unservable ids."""
+    if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+        raise DraftConfigError(f"`target_layer_ids` must be a list of ints, got {ids!r}")
+    checked = [_require_int("target_layer_ids", i, -1) for i in ids]
+    if not checked:
+        raise DraftConfigError("`target_layer_ids` is empty; give at least one target layer id")
+    if any(b <= a for a, b in itertools.pairwise(checked)):
+        raise DraftConfigError(f"`target_layer_ids` must be strictly increasing, got {checked}")
+    if checked[-1] > num_target_layers - 1:
+        raise DraftConfigError(
+            f"`target_layer_ids` {checked} is out of range for a target with {num_target_layers} layers: "
+            f"ids must lie in [-1, {num_target_layers - 1}]"
+        )
+    unservable = [i for i in checked if i in (-1, num_target_layers - 1)]
+    if unservable:
+        warnings.warn(
+            f"target_layer_ids contains {unservable}: SGLang cannot capture layer -1 (the embeddings) or "
+            f"layer {num_target_layers - 1} (post final norm), so this draft will not serve there",
+            TargetLayerWarning,
+            stacklevel=3,
+        )
+    return checked
+
+
+def apply_dspark_fields(config: Any, options: DSparkDraftOptions, *, num_target_layers: int) -> Any:
+    """Write the DSpark fields of ``options`` onto ``config`` (a copy of the target's) and validate."""
+    num_draft_layers = _require_int("num_draft_layers", options.num_draft_layers, 1)
+    if options.target_layer_ids is not None:
+        layer_ids = list(options.target_layer_ids)
+    else:
+        features = options.num_feature_layers if options.num_feature_layers is not None else num_draft_layers
+        layer_ids = build_target_layer_ids(num_target_layers, _require_int("num_feature_layers", features, 1))
+    if options.mask_token_id is None:
+        raise DraftConfigError(
+            "`mask_token_id` is required: pick an id in [0, vocab_size) that the data never uses "
+            "(not pad or eos), e.g. a reserved special token (151669 for Qwen3)"
+        )
+    config.num_hidden_layers = num_draft_layers
+    config.num_target_layers = num_target_layers
+    config.layer_types = ["full_attention"] * num_draft_layers
+    config.tie_word_embeddings = False
+    config.block_size = options.block_size
+    config.mask_token_id = options.mask_token_id
+    config.target_layer_ids = layer_ids
+    config.num_anchors = options.num_anchors
+    config.markov_rank = options.markov_rank
+    config.enable_confidence_head = options.enable_confidence_head
+    # The method's key layout: head type only with a Markov head, the Markov flag only with the head.
+    for name in ("markov_head_type", "confidence_head_with_markov"):
+        if hasattr(config, name):
+            delattr(config, name)
+    if options.markov_rank > 0:
+        config.markov_head_type = options.markov_head_type
+    if options.enable_confidence_head:
+        config.confidence_head_with_markov = options.confidence_head_with_markov
+    validate_dspark_config(config)
+    return config
+
+
+def validate_dspark_config(config: Any) -> None:
+    """Check every DSpark field of a draft config; raises :class:`DraftConfigError` naming the field."""
+    for name in ("block_size", "mask_token_id", "target_layer_ids", "num_target_layers", "vocab_size"):
+        if getattr(config, name, None) is None:
+            raise DraftConfigError(
+                f"draft config lacks `{name}`; build drafts with the family's config_from_target() "
+                "or from_target() rather than from a plain target config"
+            )
+    vocab = _require_int("vocab_size", config.vocab_size, 1)
+    _require_int("block_size", config.block_size, 1)
+    _require_int("num_anchors", getattr(config, "num_anchors", 1), 1)
+    num_target_layers = _require_int("num_target_layers", config.num_target_layers, 1)
+    mask = _require_int("mask_token_id", config.mask_token_id, 0)
+    if mask >= vocab:
+        raise DraftConfigError(f"`mask_token_id` {mask} is outside the vocabulary [0, {vocab})")
+    for special in ("pad_token_id", "eos_token_id"):
+        if mask in _token_ids(config, special):
+            raise DraftConfigError(
+                f"`mask_token_id` {mask} equals the {special}; choose an unused token id such as a "
+                "reserved special token"
+            )
+    with warnings.catch_warnings():
+        # validated again on every load; the SGLang warning is given once, when the config is built
+        warnings.simplefilter("ignore", TargetLayerWarning)
+        check_target_layer_ids(config.target_layer_ids, num_target_layers)
+    rank = _require_int("markov_rank", getattr(config, "markov_rank", 0), 0)
+    if rank > 0:
+        head_type = getattr(config, "markov_head_type", "vanilla")
+        if head_type not in MARKOV_HEAD_TYPES:
+            raise DraftConfigError(
+                f"`markov_head_type` {head_type!r} is unknown; choose one of {', '.join(MARKOV_HEAD_TYPES)}"
+            )
+    if getattr(config, "enable_confidence_head", False) and getattr(
+        config, "confidence_head_with_markov", False
+    ) and rank == 0:
+        raise DraftConfigError(
+            "`confidence_head_with_markov` is true but `markov_rank` is 0: the confidence head has no "
+            "Markov features to read. Set confidence_head_with_markov=False or markov_rank > 0"
+        )
