@@ -1,0 +1,1 @@
+"""DSpark draft training: data, trainer and checkpoints. Importing the submodules imports torch."""
