@@ -155,7 +155,7 @@ def make_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
             f"asked for {vocab_size}"
         )
 
-    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,

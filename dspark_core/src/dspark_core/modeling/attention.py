@@ -47,8 +47,8 @@ def block_attention(
             raise TypeError(
                 "flex_attention needs a BlockMask (see dspark_core.modeling.masks.flex_block_mask)"
             )
-        kernel = _compiled_flex_attention() if query.is_cuda else flex_attention
-        out = kernel(query, key, value, block_mask=mask, scale=scaling, enable_gqa=groups > 1)
+        kernel: Any = _compiled_flex_attention() if query.is_cuda else flex_attention
+        out: Tensor = kernel(query, key, value, block_mask=mask, scale=scaling, enable_gqa=groups > 1)
         return out.transpose(1, 2)
     if isinstance(mask, BlockMask):
         raise TypeError(f"{implementation} attention needs a dense additive mask, not a BlockMask")
@@ -118,7 +118,7 @@ class RotaryEmbedding(nn.Module):
             return
         self.inv_freq = self._frequencies()[0].to(device)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:  # type: ignore[override]
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> RotaryEmbedding:
         super()._apply(fn, recurse)
         self.reset_frequencies()
         return self

@@ -103,7 +103,6 @@ class DSparkDraftModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _supports_flex_attn = True
-    _no_split_modules: ClassVar[list[str]] = []
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
@@ -148,20 +147,21 @@ class DSparkDraftModel(PreTrainedModel):
         config = cls.config_from_target(target.config, **options)
         draft = cls(config)
         reference = next(target.parameters())
-        draft.to(device=reference.device, dtype=reference.dtype)
+        draft.to(device=reference.device, dtype=reference.dtype)  # type: ignore[call-arg]
         draft.attach_target_weights(target)
         return draft
 
     def attach_target_weights(self, target: PreTrainedModel) -> None:
         """Copy the target's input embeddings and ``lm_head`` into the draft, frozen."""
-        embeddings = target.get_input_embeddings()
-        head = target.get_output_embeddings()
+        embeddings: Any = target.get_input_embeddings()
+        head: Any = target.get_output_embeddings()
         if embeddings is None or head is None:
             raise DraftConfigError(f"{type(target).__name__} has no input embeddings or lm_head to copy")
-        for name, source, dest in (
+        pairs: tuple[tuple[str, Tensor, Tensor], ...] = (
             ("embed_tokens", embeddings.weight, self.embed_tokens.weight),
             ("lm_head", head.weight, self.lm_head.weight),
-        ):
+        )
+        for name, source, dest in pairs:
             if tuple(source.shape) != tuple(dest.shape):
                 raise DraftConfigError(
                     f"the target's {name} has shape {tuple(source.shape)} but this draft expects "
@@ -178,7 +178,7 @@ class DSparkDraftModel(PreTrainedModel):
         self.lm_head.weight.requires_grad_(False)
 
     @classmethod
-    def from_pretrained(  # type: ignore[override]
+    def from_pretrained(
         cls,
         pretrained_model_name_or_path: Any,
         *model_args: Any,
@@ -191,9 +191,11 @@ class DSparkDraftModel(PreTrainedModel):
         needs ``target=``, whose weights are attached.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
+        loaded: Any = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
+        model: DSparkDraftModel = loaded[0]
+        info: dict[str, Any] = loaded[1]
         missing = set(info.get("missing_keys", ()))
         absent = [key for key in TARGET_WEIGHT_KEYS if key in missing]
         if absent:
@@ -216,7 +218,7 @@ class DSparkDraftModel(PreTrainedModel):
 
     def save_pretrained(
         self, save_directory: Any, *args: Any, include_target_weights: bool = True, **kwargs: Any
-    ) -> Any:  # type: ignore[override]
+    ) -> Any:
         """``save_pretrained``; ``include_target_weights=False`` writes the serving-engine form
         without ``embed_tokens`` and ``lm_head``."""
         if not include_target_weights and "state_dict" not in kwargs:
@@ -289,7 +291,7 @@ class DSparkDraftModel(PreTrainedModel):
 
     # -- training -----------------------------------------------------------------------------
 
-    def forward(  # type: ignore[override]
+    def forward(
         self,
         input_ids: Tensor,
         target_features: Tensor,
@@ -382,7 +384,7 @@ class DSparkDraftModel(PreTrainedModel):
 
     def block_logits(self, hidden: Tensor, latent: Tensor | None) -> Tensor:
         """``lm_head(h) + markov_w2(m)`` in float32."""
-        logits = self.lm_head(hidden).float()
+        logits: Tensor = self.lm_head(hidden).float()
         if latent is not None and self.markov_head is not None:
             logits = logits + self.markov_head.correction(latent).float()
         return logits
