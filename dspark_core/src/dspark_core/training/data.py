@@ -367,18 +367,21 @@ def tokenize_chat(
 
     Returns ``(input_ids, loss_mask)`` where ``loss_mask`` is 1 on exactly the tokens of the assistant
     contents (not role headers or end-of-turn tokens, unless the template puts them inside its
-    generation markers). With ``{% generation %}`` markers in the template, transformers'
-    ``return_assistant_tokens_mask`` gives the mask. Without them, each assistant content is located in
-    the rendered text after the rendering of the turns before it (with a generation prompt), and the
-    tokens overlapping those character spans are masked; this needs a fast tokenizer (offsets). Either
-    way a token that straddles the edge of an assistant content counts as assistant.
+    generation markers). With a fast tokenizer, each assistant content is located in the rendered text
+    after the rendering of the turns before it (with a generation prompt), and the tokens overlapping
+    those character spans are masked. A slow tokenizer needs ``{% generation %}`` markers in the
+    template, and transformers' ``return_assistant_tokens_mask`` gives the mask. Either way a token
+    that straddles the edge of an assistant content counts as assistant.
 
     ``chat_template_kwargs`` are passed to the template (e.g. ``{"enable_thinking": False}`` for Qwen3).
     """
     template = _chat_template(tokenizer)
     template_kwargs = dict(chat_template_kwargs or {})
     conversation = [m.as_dict() if isinstance(m, Message) else dict(m) for m in messages]
-    if _GENERATION_TAG.search(template):
+    # Character offsets are preferred even when the template has generation markers: transformers
+    # 5.22's return_assistant_tokens_mask drops the last token of a character split across byte-level
+    # BPE tokens, and offsets give the same mask on every supported version.
+    if not tokenizer.is_fast and _GENERATION_TAG.search(template):
         out: Any = tokenizer.apply_chat_template(
             conversation,
             tokenize=True,
