@@ -54,7 +54,9 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     script = shutil.which("dspark", path=str(Path(sys.executable).parent))
@@ -65,7 +67,9 @@ def main() -> None:
         for count in (1, 50):
             site = make_site(Path(tmp), count)
             env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
-            subprocess.run([*dspark, "list", "--json"], env=env, check=True, stdout=subprocess.DEVNULL)  # warm
+            subprocess.run(
+                [*dspark, "list", "--json"], env=env, check=True, stdout=subprocess.DEVNULL
+            )  # warm
             bare, listed = [], []
             for _ in range(args.repeats):  # interleaved, so drift hits both sides alike
                 bare.append(timed([sys.executable, "-c", BARE], env))

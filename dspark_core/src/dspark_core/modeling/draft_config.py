@@ -116,6 +116,8 @@ def apply_dspark_fields(config: Any, options: DSparkDraftOptions, *, num_target_
     if options.enable_confidence_head:
         config.confidence_head_with_markov = options.confidence_head_with_markov
     validate_dspark_config(config)
+    # validate_dspark_config silences the SGLang warning (it runs on every load): give it here, once.
+    check_target_layer_ids(layer_ids, num_target_layers)
     return config
 
 
@@ -151,9 +153,11 @@ def validate_dspark_config(config: Any) -> None:
             raise DraftConfigError(
                 f"`markov_head_type` {head_type!r} is unknown; choose one of {', '.join(MARKOV_HEAD_TYPES)}"
             )
-    if getattr(config, "enable_confidence_head", False) and getattr(
-        config, "confidence_head_with_markov", False
-    ) and rank == 0:
+    if (
+        getattr(config, "enable_confidence_head", False)
+        and getattr(config, "confidence_head_with_markov", False)
+        and rank == 0
+    ):
         raise DraftConfigError(
             "`confidence_head_with_markov` is true but `markov_rank` is 0: the confidence head has no "
             "Markov features to read. Set confidence_head_with_markov=False or markov_rank > 0"
