@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("list", ("plugins",), "dspark_core.cli.plugins_list"),
     ("resolve", (), "dspark_core.cli.plugins_resolve"),
     ("doctor", (), "dspark_core.cli.plugins_doctor"),
+    ("generate", (), "dspark_core.cli.generate"),
 ]
 
 

@@ -6,12 +6,14 @@ decoder layer 0, i.e. the embedding output) and id ``i`` is ``hidden_states[i + 
 *final-norm* output (``last_hidden_state``), not the raw output of the last layer, and so it is here.
 
 Forward hooks record only the requested layers, so memory holds L layers rather than all n + 1.
+:func:`capture_layer_outputs` keeps the hooks in place around any forward, e.g. the cached prefill and
+verify passes of speculative decoding; :func:`capture_target_features` runs one uncached forward.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +23,13 @@ from torch.utils.hooks import RemovableHandle
 
 from dspark_core.errors import DraftConfigError
 
-__all__ = ["TargetFeatures", "capture_target_features", "find_target_decoder"]
+__all__ = [
+    "LayerCapture",
+    "TargetFeatures",
+    "capture_layer_outputs",
+    "capture_target_features",
+    "find_target_decoder",
+]
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,97 @@ def _layer_output(output: Any) -> Tensor:
     return hidden
 
 
+class LayerCapture:
+    """The hidden states recorded by :func:`capture_layer_outputs` during the latest target forward."""
+
+    def __init__(self, target_layer_ids: Sequence[int], num_layers: int, target_name: str) -> None:
+        self.target_layer_ids = list(target_layer_ids)
+        self.num_layers = num_layers
+        self._target_name = target_name
+        self._captured: dict[int, Tensor] = {}
+        self._final_hidden: Tensor | None = None
+
+    def clear(self) -> None:
+        """Forget what the previous forward recorded."""
+        self._captured.clear()
+        self._final_hidden = None
+
+    def final_hidden(self) -> Tensor:
+        """``[b, T, H]``, the base model's post-final-norm output of the latest forward."""
+        if self._final_hidden is None:
+            raise RuntimeError(
+                f"no {self._target_name} forward has run inside capture_layer_outputs since the last clear()"
+            )
+        return self._final_hidden
+
+    def features(self) -> Tensor:
+        """``[b, T, L*H]``: the hidden states at ``target_layer_ids`` of the latest forward, concatenated."""
+        final_hidden = self.final_hidden()
+        last = self.num_layers - 1
+        missing = sorted({i for i in self.target_layer_ids if i < last} - self._captured.keys())
+        if missing:
+            raise RuntimeError(
+                f"{self._target_name}'s forward did not run the decoder layers for target_layer_ids {missing}"
+            )
+        parts = [final_hidden if i == last else self._captured[i] for i in self.target_layer_ids]
+        return torch.cat(parts, dim=-1)
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(target: nn.Module, target_layer_ids: Sequence[int]) -> Iterator[LayerCapture]:
+    """Record the target's features at ``target_layer_ids`` during every forward run inside the block.
+
+    Works around any forward of ``target`` or of its base model, cached or not (prefill, verify),
+    since it hooks the decoder layers and the base model. After each forward,
+    ``capture.features()`` is ``[b, T, L*H]`` for the ``T`` tokens just fed. The hooks are removed
+    on exit.
+
+    Raises:
+        DraftConfigError: the decoder layers cannot be found, or an id is out of range.
+    """
+    target_name = type(target).__name__
+    base, layers = find_target_decoder(target)
+    num_layers = len(layers)
+    ids = _validate_layer_ids(target_layer_ids, num_layers, target_name)
+    capture = LayerCapture(ids, num_layers, target_name)
+
+    def record_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # HF's hidden_states[0] is layer 0's input, which is how id -1 is defined.
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(hidden, Tensor):
+            raise TypeError(
+                f"could not find the hidden states among decoder layer 0's inputs in {target_name}"
+            )
+        capture._captured[-1] = hidden
+
+    def make_output_recorder(layer_id: int) -> Any:
+        def record_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            capture._captured[layer_id] = _layer_output(output)
+
+        return record_output
+
+    def record_final(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        final_hidden = getattr(output, "last_hidden_state", None)
+        if final_hidden is None and isinstance(output, tuple | list) and output:
+            final_hidden = output[0]
+        if not isinstance(final_hidden, Tensor):
+            raise TypeError(f"{target_name}'s base model returned no last_hidden_state tensor")
+        capture._final_hidden = final_hidden
+
+    handles: list[RemovableHandle] = []
+    try:
+        if -1 in ids:
+            handles.append(layers[0].register_forward_pre_hook(record_input, with_kwargs=True))
+        # id n - 1 is the final-norm output, which the base model returns anyway.
+        for layer_id in sorted({i for i in ids if 0 <= i < num_layers - 1}):
+            handles.append(layers[layer_id].register_forward_hook(make_output_recorder(layer_id)))
+        handles.append(base.register_forward_hook(record_final))
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def capture_target_features(
     target: nn.Module,
     input_ids: Tensor,
@@ -111,58 +210,18 @@ def capture_target_features(
     Raises:
         DraftConfigError: the decoder layers cannot be found, or an id is out of range.
     """
-    target_name = type(target).__name__
-    base, layers = find_target_decoder(target)
-    num_layers = len(layers)
-    ids = _validate_layer_ids(target_layer_ids, num_layers, target_name)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [batch, seq_len], got {tuple(input_ids.shape)}")
-
-    captured: dict[int, Tensor] = {}
-
-    def record_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # HF's hidden_states[0] is layer 0's input, which is how id -1 is defined.
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        if not isinstance(hidden, Tensor):
-            raise TypeError(
-                f"could not find the hidden states among decoder layer 0's inputs in {target_name}"
-            )
-        captured[-1] = hidden
-
-    def make_output_recorder(layer_id: int) -> Any:
-        def record_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            captured[layer_id] = _layer_output(output)
-
-        return record_output
-
-    handles: list[RemovableHandle] = []
-    try:
-        if -1 in ids:
-            handles.append(layers[0].register_forward_pre_hook(record_input, with_kwargs=True))
-        # id n - 1 is the final-norm output, which the base model returns anyway.
-        for layer_id in sorted({i for i in ids if 0 <= i < num_layers - 1}):
-            handles.append(layers[layer_id].register_forward_hook(make_output_recorder(layer_id)))
+    base, _ = find_target_decoder(target)
+    with capture_layer_outputs(target, target_layer_ids) as capture:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got {tuple(input_ids.shape)}")
         with torch.no_grad():
-            outputs = base(
+            base(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
                 use_cache=False,
                 output_hidden_states=False,
             )
-    finally:
-        for handle in handles:
-            handle.remove()
-
-    final_hidden = getattr(outputs, "last_hidden_state", None)
-    if final_hidden is None:
-        final_hidden = outputs[0]
-    if not isinstance(final_hidden, Tensor):
-        raise TypeError(f"{target_name}'s base model returned no last_hidden_state tensor")
-    missing = sorted({i for i in ids if i < num_layers - 1} - captured.keys())
-    if missing:
-        raise RuntimeError(
-            f"{target_name}'s forward did not run the decoder layers for target_layer_ids {missing}"
-        )
-    parts = [final_hidden if i == num_layers - 1 else captured[i] for i in ids]
-    return TargetFeatures(features=torch.cat(parts, dim=-1), final_hidden=final_hidden)
+        features = capture.features()
+        final_hidden = capture.final_hidden()
+    return TargetFeatures(features=features, final_hidden=final_hidden)
