@@ -8,7 +8,7 @@ the training forward (anchors, masks, objective) and the decode-time block propo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -479,19 +479,3 @@ def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     flat = probs.reshape(-1, probs.shape[-1])
     drawn = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
     return drawn
-
-
-def check_layer_ids_fit(draft_config: Any, target_config: Any) -> None:
-    """Raise if a draft's feature layers or vocabulary do not fit ``target_config``."""
-    num_layers = int(target_config.num_hidden_layers)
-    ids: Sequence[int] = draft_config.target_layer_ids
-    if int(draft_config.num_target_layers) != num_layers or max(ids) > num_layers - 1:
-        raise DraftConfigError(
-            f"draft was built for a {draft_config.num_target_layers}-layer target with target_layer_ids "
-            f"{list(ids)}, but the target has {num_layers} layers"
-        )
-    if int(draft_config.vocab_size) != int(target_config.vocab_size):
-        raise DraftConfigError(
-            f"draft vocab_size {draft_config.vocab_size} does not match the target's "
-            f"{target_config.vocab_size}"
-        )
