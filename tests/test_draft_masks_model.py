@@ -305,3 +305,19 @@ def test_packed_supervision_stops_at_the_document_end() -> None:
             assert out.eval_mask[row, n].tolist() == expected, (row, n)
     # block (0, 3) at 25 has one slot left in document 1; (1, 1) at 18 would have one, but is not kept
     assert out.eval_mask[0, 3].sum() == 1 and out.eval_mask[1, 1].sum() == 0
+
+
+def test_set_attn_implementation_switches_the_path() -> None:
+    """``set_attn_implementation`` takes effect: the flex path (no CPU backward) is really used."""
+    model = make_draft(seed=1)
+    batch = random_batch(2, SEQ, seed=2)
+    model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    with torch.no_grad():
+        flex_loss = model(*batch.args(), anchors=ANCHORS, keep=KEEP).loss
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        model(*batch.args(), anchors=ANCHORS, keep=KEEP)
+    model.set_attn_implementation("sdpa")
+    sdpa_loss = model(*batch.args(), anchors=ANCHORS, keep=KEEP).loss
+    sdpa_loss.backward()
+    torch.testing.assert_close(flex_loss, sdpa_loss.detach(), atol=2e-5, rtol=2e-5)

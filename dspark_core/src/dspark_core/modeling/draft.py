@@ -231,6 +231,12 @@ class DSparkDraftModel(PreTrainedModel):
             return
         super()._init_weights(module)
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the model file's source; our layers read
+        # config._attn_implementation on every call, so set_attn_implementation() is safe.
+        return True
+
     # -- shared pieces ------------------------------------------------------------------------
 
     @property
