@@ -20,6 +20,10 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("resolve", (), "dspark_core.cli.plugins_resolve"),
     ("doctor", (), "dspark_core.cli.plugins_doctor"),
     ("generate", (), "dspark_core.cli.generate"),
+    ("train", (), "dspark_core.cli.train"),
+    ("regenerate", (), "dspark_core.cli.regenerate"),
+    ("plot", (), "dspark_core.cli.plot"),
+    ("make-tiny-target", (), "dspark_core.cli.make_tiny_target"),
 ]
 
 
