@@ -426,3 +426,19 @@ def test_all_reduce_without_process_group_is_an_error() -> None:
     batch = make_batch()
     with pytest.raises(RuntimeError, match="not initialised"):
         dspark_objective(**batch.kwargs(), config=DSparkLossConfig(), all_reduce=True)  # type: ignore[arg-type]
+
+
+def test_caller_autocast_does_not_change_the_objective() -> None:
+    """Training runs the draft under bf16 autocast; the vocabulary terms must stay fp32."""
+    config = DSparkLossConfig(chunk_size=4)
+    plain = make_batch(dtype=torch.float32)
+    reference = run(plain, config)
+    reference_grads = grads(reference.loss, plain)
+    under = make_batch(dtype=torch.float32)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = run(under, config)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, reference.loss)
+    got_grads = grads(got.loss, under)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=name)

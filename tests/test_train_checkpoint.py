@@ -247,12 +247,6 @@ def test_packed_rows_get_each_documents_own_target_features(base: TrainConfig) -
         start = end
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="modeling/loss.py runs its fp32 vocabulary matmuls under the caller's autocast (addmm_ dtype "
-    "mismatch); remove this mark once the objective disables autocast",
-)
 def test_bf16_autocast_trains_and_exports_in_the_targets_dtype(base: TrainConfig) -> None:
     trainer = Trainer(dataclasses.replace(base, precision="bf16", max_steps=2))
     result = trainer.train()

@@ -178,10 +178,13 @@ def dspark_objective(
 
     num_tokens = int(index.numel())
     chunk = config.chunk_size if config.chunk_size is not None else max(num_tokens, 1)
-    # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
-    ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
-        hidden, latent, teacher, targets, lm_head_weight, markov_w2_weight, chunk, compute_dtype
-    )
+    # The vocabulary terms are fp32 by design; a caller's bf16 autocast must not downcast the
+    # matmuls (it would also mix dtypes inside the in-place addmm). Backward disables it itself.
+    with torch.autocast(device_type=device.type, enabled=False):
+        # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
+        ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
+            hidden, latent, teacher, targets, lm_head_weight, markov_w2_weight, chunk, compute_dtype
+        )
     alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
 
     ce_num = (weights * ce_tok).sum()
@@ -364,6 +367,12 @@ class _VocabTerms(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_ce: Tensor, grad_distance: Tensor) -> tuple[Tensor | None, ...]:
+        hidden = ctx.saved_tensors[0]
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return _VocabTerms._backward(ctx, grad_ce, grad_distance)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_ce: Tensor, grad_distance: Tensor) -> tuple[Tensor | None, ...]:
         hidden, latent, teacher, targets, lm_head, w2 = ctx.saved_tensors
         need_hidden, need_latent, _, _, need_lm_head, need_w2 = ctx.needs_input_grad[:6]
         chunk: int = ctx.chunk
