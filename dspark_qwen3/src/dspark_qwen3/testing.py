@@ -229,13 +229,18 @@ def make_tiny_target(
     vocab_size: int = 512,
     seed: int = 0,
     moe: bool = False,
+    logit_scale: float = 1.0,
 ) -> Path:
     """Build the tiny target and its tokenizer and save both (safetensors) into ``output_dir``.
 
     ``vocab_size`` is the size of the trained BPE; the model's vocabulary is ``len(tokenizer)``, which
     adds the special tokens. The weights depend only on ``seed`` (the global RNG is left untouched).
-    Returns ``output_dir`` as a ``Path``.
+    ``logit_scale`` multiplies the output head: a random model's next-token distributions are nearly
+    uniform, and a scale around 30 makes them peaked like a trained model's, so a draft trained on it
+    has something to learn. Returns ``output_dir`` as a ``Path``.
     """
+    if not logit_scale > 0:
+        raise ValueError(f"logit_scale must be positive, got {logit_scale}")
     import torch
     from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
@@ -258,6 +263,9 @@ def make_tiny_target(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3MoeForCausalLM(config) if moe else Qwen3ForCausalLM(config)  # type: ignore[arg-type]
+    if logit_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(logit_scale)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

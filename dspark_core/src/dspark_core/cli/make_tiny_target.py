@@ -1,15 +1,14 @@
 """``dspark make-tiny-target DIR``: a tiny local Qwen3 target and tokenizer, for demos and tests.
 
 Wraps :func:`dspark_qwen3.testing.make_tiny_target` (the dspark-qwen3 plugin must be installed).
-``--logit-scale`` multiplies the output head: a random target's next-token distributions are nearly
-uniform, and a larger scale makes them peaked like a trained model's, so that a draft trained on it
-has something to learn and its acceptance visibly rises.
+``--logit-scale`` (default 30) multiplies the output head: a random target's next-token
+distributions are nearly uniform, and the scale makes them peaked like a trained model's, so that a
+draft trained on it has something to learn and its acceptance visibly rises.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 HELP = "write a tiny random Qwen3 target and its tokenizer (needs dspark-qwen3), for demos and tests"
 
@@ -26,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--logit-scale",
         type=float,
-        default=1.0,
-        help="multiply the output head by this (default 1: the plain random model; 30 gives peaked outputs)",
+        default=30.0,
+        help="multiply the output head by this (default 30: peaked outputs, like a trained model; "
+        "1 keeps the plain random model)",
     )
 
 
@@ -38,8 +38,6 @@ def run(args: argparse.Namespace) -> int:
         raise ImportError(
             f"make-tiny-target needs the dspark-qwen3 plugin: pip install dspark-qwen3 ({exc})"
         ) from exc
-    if args.logit_scale <= 0:
-        raise ValueError(f"--logit-scale must be positive, got {args.logit_scale}")
     path = make_tiny_target(
         args.output_dir,
         hidden_size=args.hidden_size,
@@ -49,17 +47,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         seed=args.seed,
         moe=args.moe,
+        logit_scale=args.logit_scale,
     )
-    if args.logit_scale != 1.0:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        model: Any = AutoModelForCausalLM.from_pretrained(path)
-        head = model.get_output_embeddings()
-        if head is None:
-            raise ValueError(f"{type(model).__name__} has no output head to scale")
-        with torch.no_grad():
-            head.weight.mul_(args.logit_scale)
-        model.save_pretrained(path, safe_serialization=True)
     print(f"tiny target written to {path} (mask token {TINY_MASK_TOKEN!r})")
     return 0
