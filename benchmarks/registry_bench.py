@@ -1,7 +1,8 @@
 """Startup cost of plugin discovery: `dspark list --json` against a bare entry-point scan.
 
 Each measurement is a fresh process. Example plugins are real dist-info folders on PYTHONPATH,
-each registering two architectures with lazy draft classes, as dspark-qwen3 does.
+each registering two architectures with lazy draft classes, as dspark-qwen3 does, and
+byte-compiled as pip would install them.
 
     python benchmarks/registry_bench.py [--repeats 15]
 
@@ -11,6 +12,7 @@ Target: the median of `dspark list --json` is at most 2.0x the bare scan.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -44,6 +46,9 @@ def make_site(root: Path, count: int) -> Path:
         package.mkdir()
         (package / "__init__.py").write_text("")
         (package / "plugin.py").write_text(PLUGIN.format(i=i))
+    # pip byte-compiles what it installs; without this, PYTHONDONTWRITEBYTECODE=1 (set on some CI
+    # machines) would make every run recompile the plugins, which no installed plugin does.
+    compileall.compile_dir(str(site), quiet=1)
     return site
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -27,13 +28,16 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that subcommand's (the others are not imported)."""
     parser = argparse.ArgumentParser(
         prog="dspark", description="DSpark draft models: plugins, decoding, training."
     )
     parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, aliases, module_name in COMMANDS:
+        if only is not None and only != name and only not in aliases:
+            continue
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, aliases=list(aliases), help=module.HELP, description=module.HELP)
         command.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
@@ -42,13 +46,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _requested_command(argv: Sequence[str]) -> str | None:
+    # Building every subcommand's parser imports every CLI module; `dspark list` must stay fast.
+    first = next((arg for arg in argv if not arg.startswith("-")), None)
+    known = {name for name, _, _ in COMMANDS} | {alias for _, aliases, _ in COMMANDS for alias in aliases}
+    return first if first in known else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 a reported problem, 2 bad usage)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_requested_command(arguments))
+    args = parser.parse_args(arguments)
     try:
         code: int = args.run(args)
         return code
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, as other Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print("dspark: interrupted", file=sys.stderr)
         return 130
