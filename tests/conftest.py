@@ -49,6 +49,20 @@ def spec_plugin_source(mapping: dict[str, str]) -> str:
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread: the tests' models are tiny, and two threads fighting over a
+    2-core machine made them 10-100x slower. Torch is imported only if a test already did."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def plugin_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PluginSiteWriter]:
     """A fresh site directory on sys.path; call it to install a distribution into it."""

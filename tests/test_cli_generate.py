@@ -6,26 +6,15 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dspark_core.cli import main
 from dspark_core.cli.generate import Prompt, read_prompts
 from dspark_qwen3.modeling import Qwen3DSparkModel
 from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models run much faster on one thread than with two threads fighting over 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def build_draft(target_dir: Path, out: Path, **options: object) -> Path:

@@ -30,15 +30,6 @@ PACKED_ANCHORS = torch.tensor([[2, 12, 15, 25, 30], [0, 18, 20, 21, 33]])
 PACKED_KEEP = torch.tensor([[True, True, True, True, True], [True, False, True, True, True]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: intra-op threads only add overhead, which is large on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_cpu_flex() -> Iterator[None]:
     # Uncompiled flex attention on CPU warns that it materialises the scores; that is what we want here.

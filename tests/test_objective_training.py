@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +26,6 @@ from dspark_qwen3.modeling import Qwen3DSparkModel
 from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target, tiny_corpus
 
 FROZEN = ("embed_tokens.weight", "lm_head.weight")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # These tensors are tiny: intra-op threads only add overhead, which is large on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @dataclass

@@ -17,7 +17,6 @@ import itertools
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -44,15 +43,6 @@ from dspark_core.modeling.sampling import filtered_probs
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
 HEAD_TYPES = ("vanilla", "gated", "rnn")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tiny models run ~10x faster on one thread than with two threads fighting over 2 cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # -- models -----------------------------------------------------------------------------------
