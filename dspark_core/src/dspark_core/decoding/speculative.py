@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.features import LayerCapture, capture_layer_outputs, find_target_decoder
-from dspark_core.modeling.sampling import filtered_probs
+from dspark_core.modeling.sampling import check_sampling_options, filtered_probs
 
 __all__ = [
     "ConfidenceSchedule",
@@ -404,17 +404,6 @@ def check_draft_fits_target(draft: nn.Module, target: nn.Module) -> None:
             )
 
 
-def _validate_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or math.isnan(temperature):
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-
-
 def _prompt_row(input_ids: Tensor) -> Tensor:
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -631,7 +620,7 @@ def speculative_generate(
     """
     started = time.perf_counter()
     prompt = _prompt_row(input_ids)
-    _validate_sampling(temperature, top_k, top_p)
+    check_sampling_options(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if check_fit:
@@ -790,7 +779,7 @@ def plain_generate(
     """
     started = time.perf_counter()
     prompt = _prompt_row(input_ids)
-    _validate_sampling(temperature, top_k, top_p)
+    check_sampling_options(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     greedy = temperature == 0

@@ -6,10 +6,25 @@ same rule, so both sides call :func:`filtered_probs`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-__all__ = ["filtered_probs"]
+__all__ = ["check_sampling_options", "filtered_probs"]
+
+
+def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` naming the option unless ``temperature >= 0``, ``top_k >= 1`` (an int) and
+    ``top_p`` in ``(0, 1]``; ``None`` disables a filter."""
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or math.isnan(temperature):
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
 
 
 def filtered_probs(
@@ -34,13 +49,7 @@ def filtered_probs(
     Raises:
         ValueError: on a negative temperature, ``top_k < 1`` or ``top_p`` outside ``(0, 1]``.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
-
+    check_sampling_options(temperature, top_k, top_p)
     scores = logits.float()
     vocab = scores.shape[-1]
     if temperature == 0:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dspark_core.modeling.sampling import check_sampling_options
 from dspark_core.training.data import ChatRow, DatasetError, Message, TokenRow, read_jsonl
 from dspark_core.training.distributed import rank_seed
 
@@ -58,12 +59,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        check_sampling_options(self.temperature, self.top_k, self.top_p)
 
 
 @dataclass
