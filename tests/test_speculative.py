@@ -13,6 +13,7 @@ Two kinds of draft are used:
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import warnings
@@ -811,11 +812,15 @@ def test_cached_capture_equals_uncached_hidden_states() -> None:
     with torch.no_grad():
         reference = target(ids, output_hidden_states=True).hidden_states
         expected = torch.cat([reference[i + 1] for i in layer_ids], dim=-1)
-        cache = DynamicCache(config=target.config)
+        # transformers renamed past_key_values to cache in 5.24; both ends of the range are tested.
+        cache_kwarg = (
+            "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+        )
+        cache = {cache_kwarg: DynamicCache(config=target.config)}
         with capture_layer_outputs(target, layer_ids) as capture:
-            target(ids[:, :6], cache=cache, use_cache=True)
+            target(ids[:, :6], **cache, use_cache=True)
             head = capture.features()
-            target(ids[:, 6:], cache=cache, use_cache=True)
+            target(ids[:, 6:], **cache, use_cache=True)
             tail = capture.features()
     assert head.shape == (1, 6, 3 * 32) and tail.shape == (1, 3, 3 * 32)
     torch.testing.assert_close(torch.cat([head, tail], dim=1), expected, rtol=1e-5, atol=1e-5)
