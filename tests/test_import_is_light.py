@@ -53,3 +53,24 @@ def test_import_does_no_discovery(tmp_path):
     code = "import dspark_core, sys; print('fam_loud' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cli_list_resolve_and_help_import_no_torch(tmp_path):
+    write_distribution(
+        tmp_path,
+        "fam-probe",
+        entry_points={"probe": "fam_probe"},
+        modules={"fam_probe": spec_plugin_source({"ProbeForLM": "fam_probe_model:Draft"})},
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    code = (
+        "import contextlib, io, sys\n"
+        "from dspark_core.cli import build_parser, main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['list', '--json']) == 0\n"
+        "    assert main(['resolve', 'ProbeForLM']) == 0\n"
+        "    build_parser()  # every subcommand's parser, as `dspark --help` builds it\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
