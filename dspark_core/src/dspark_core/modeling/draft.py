@@ -9,7 +9,7 @@ the training forward (anchors, masks, objective) and the decode-time block propo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,7 +87,6 @@ class DSparkDraftOutput:
     eval_mask: Tensor
     logits: Tensor | None = None
     confidence_logits: Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class DSparkDraftModel(PreTrainedModel):

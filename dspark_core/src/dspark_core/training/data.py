@@ -23,7 +23,7 @@ import json
 import random
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,15 +179,7 @@ class DatasetStats:
 
     def as_dict(self) -> dict[str, int]:
         """The counts as a plain dict, for logs."""
-        return {
-            "rows_read": self.rows_read,
-            "skipped_no_assistant": self.skipped_no_assistant,
-            "skipped_no_loss": self.skipped_no_loss,
-            "truncated": self.truncated,
-            "examples": self.examples,
-            "tokens": self.tokens,
-            "loss_tokens": self.loss_tokens,
-        }
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------
