@@ -8,7 +8,6 @@ per-rank means instead (the naive normalisation) gives other gradients, so the c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from qwen3_draft_helpers import DraftBatch, make_draft, random_batch
+from spawn_ranks import spawn_ranks
 from torch import Tensor
-from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 from dspark_qwen3.modeling import Qwen3DSparkModel
@@ -88,18 +87,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("ddp-draft")
-    context = spawn(  # type: ignore[no-untyped-call]
-        _worker, args=(str(tmp / "store"), str(tmp)), nprocs=WORLD_SIZE, join=False
-    )
-    assert context is not None
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, WORLD_SIZE, tmp_path_factory.mktemp("ddp-draft"), timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,14 @@ normalisation (``all_reduce=False``) must not, which shows the comparison can fa
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from spawn_ranks import spawn_ranks
 from torch import Tensor, nn
-from torch.multiprocessing.spawn import spawn
 from torch.nn.parallel import DistributedDataParallel
 
 from dspark_core.modeling.loss import DSparkLossConfig, DSparkObjectiveOutput, dspark_objective
@@ -106,18 +105,7 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
 
 
 def run_ranks(tmp_path: Path) -> list[dict[str, Any]]:
-    # torch does not type spawn; with join=False it returns the ProcessContext.
-    context = spawn(  # type: ignore[no-untyped-call]
-        _worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=False
-    )
-    assert context is not None
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
+    return spawn_ranks(_worker, WORLD_SIZE, tmp_path, timeout_s=TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")

@@ -527,15 +527,8 @@ def test_eos_defaults_to_the_target_generation_config() -> None:
 
 
 def hf_greedy_eos(target: Qwen3ForCausalLM, ids: Tensor, max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = target.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, ids.shape[1] :].tolist()]
+    """The new tokens of ``target.generate`` (which stops at the config's EOS)."""
+    return hf_greedy(target, ids, max_new_tokens)[ids.shape[1] :]
 
 
 # -- scheduling -------------------------------------------------------------------------------
