@@ -70,14 +70,17 @@ def build(markov_rank: int = 64) -> tuple[Any, Any, dict[str, Any]]:
 def train_step(steps: int) -> dict[str, float]:
     import torch
 
+    from dspark_core.modeling.loss import DSparkObjective
+
     _, draft, batch = build()
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=1e-4)
     generator = torch.Generator().manual_seed(0)
+    objective = DSparkObjective()
     times = []
     before = _rss_mib()
     for step in range(steps + 1):
         start = time.perf_counter()
-        out = draft(**batch, generator=generator)
+        out = objective(draft, draft(**batch, generator=generator))
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,6 +15,7 @@ import torch
 from qwen3_draft_helpers import DraftBatch, make_draft, random_batch
 from torch import Tensor
 
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.modeling.blocks import sample_anchors
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
@@ -58,18 +59,18 @@ def training_step(
     model.config._attn_implementation = attn
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    out = model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs)
+    out = DSparkObjective()(model, model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs))
     out.loss.backward()
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     with torch.no_grad():
-        after = model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs).loss
+        after = DSparkObjective()(model, model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs)).loss
     torch.cuda.synchronize()
     return {
         "loss": float(out.loss.detach()),
         "ce": float(out.ce),
         "l1": float(out.l1),
-        "confidence": float(out.confidence_loss),
+        "confidence": float(out.confidence),
         "after": float(after),
         "grads": grads,
     }

@@ -19,6 +19,7 @@ from spawn_ranks import spawn_ranks
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
 pytestmark = pytest.mark.slow  # two spawned interpreters importing torch and transformers
@@ -57,12 +58,12 @@ def gradients(model: torch.nn.Module) -> dict[str, Tensor | None]:
 def forward_backward(
     model: Any, batch: DraftBatch, anchors: Tensor, keep: Tensor, **kwargs: Any
 ) -> dict[str, Any]:
-    out = model(*batch.args(), anchors=anchors, keep=keep, **kwargs)
-    out.loss.backward()
     module = model.module if isinstance(model, DistributedDataParallel) else model
+    out = DSparkObjective(**kwargs)(module, model(*batch.args(), anchors=anchors, keep=keep))
+    out.loss.backward()
     return {
         "loss": out.loss.detach(),
-        "terms": {name: getattr(out, name).detach() for name in ("ce", "l1", "confidence_loss")},
+        "terms": {name: getattr(out, name).detach() for name in ("ce", "l1", "confidence")},
         "grads": gradients(module),
     }
 

@@ -17,6 +17,7 @@ import torch
 from qwen3_draft_helpers import HEAD_TYPES, MASK, DraftBatch, make_draft, random_batch
 from torch import Tensor
 
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
 ATTENTION = ("sdpa", "eager", "flex_attention")
@@ -57,7 +58,7 @@ def run(
     finally:
         model.config._attn_implementation = "sdpa"
     assert out.logits is not None and out.confidence_logits is not None
-    return out.logits, out.confidence_logits, out.loss
+    return out.logits, out.confidence_logits, DSparkObjective()(model, out).loss
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,10 +306,10 @@ def test_set_attn_implementation_switches_the_path() -> None:
     model.set_attn_implementation("flex_attention")
     assert model.config._attn_implementation == "flex_attention"
     with torch.no_grad():
-        flex_loss = model(*batch.args(), anchors=ANCHORS, keep=KEEP).loss
+        flex_loss = DSparkObjective()(model, model(*batch.args(), anchors=ANCHORS, keep=KEEP)).loss
     with pytest.raises(NotImplementedError, match="backward on CPU"):
         model(*batch.args(), anchors=ANCHORS, keep=KEEP)
     model.set_attn_implementation("sdpa")
-    sdpa_loss = model(*batch.args(), anchors=ANCHORS, keep=KEEP).loss
+    sdpa_loss = DSparkObjective()(model, model(*batch.args(), anchors=ANCHORS, keep=KEEP)).loss
     sdpa_loss.backward()
     torch.testing.assert_close(flex_loss, sdpa_loss.detach(), atol=2e-5, rtol=2e-5)

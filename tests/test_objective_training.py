@@ -18,10 +18,10 @@ from qwen3_draft_helpers import make_draft, random_batch, randomize_
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3ForCausalLM
 
+from dspark_core.modeling.loss import DSparkLossConfig, DSparkObjective
 from dspark_core import resolve_dspark_draft_spec
 from dspark_core.modeling.blocks import sample_anchors
 from dspark_core.modeling.features import capture_target_features
-from dspark_core.modeling.loss import DSparkLossConfig
 from dspark_qwen3.modeling import Qwen3DSparkModel
 from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target, tiny_corpus
 
@@ -98,8 +98,8 @@ def test_the_loss_falls_over_30_adamw_steps(tiny: TinySetup) -> None:
 
     def evaluate() -> dict[str, float]:
         with torch.no_grad():
-            out = draft(*args, anchors=eval_anchors, keep=eval_keep)
-        return {name: float(getattr(out, name)) for name in ("loss", "ce", "l1", "confidence_loss")}
+            out = DSparkObjective()(draft, draft(*args, anchors=eval_anchors, keep=eval_keep))
+        return {name: float(getattr(out, name)) for name in ("loss", "ce", "l1", "confidence")}
 
     frozen_before = {name: p.detach().clone() for name, p in draft.named_parameters() if name in FROZEN}
     trainable_before = {
@@ -113,7 +113,7 @@ def test_the_loss_falls_over_30_adamw_steps(tiny: TinySetup) -> None:
     losses = []
     for _ in range(30):
         optimizer.zero_grad(set_to_none=True)
-        out = draft(*args, generator=generator)
+        out = DSparkObjective()(draft, draft(*args, generator=generator))
         out.loss.backward()
         for name in FROZEN:
             assert dict(draft.named_parameters())[name].grad is None, name
@@ -126,7 +126,7 @@ def test_the_loss_falls_over_30_adamw_steps(tiny: TinySetup) -> None:
     assert after["loss"] < 0.85 * before["loss"]
     assert after["l1"] < 0.8 * before["l1"]
     assert after["ce"] < 0.9 * before["ce"]
-    assert after["confidence_loss"] < before["confidence_loss"]
+    assert after["confidence"] < before["confidence"]
     assert sum(losses[-5:]) < 0.85 * sum(losses[:5])
     for name, value in draft.named_parameters():
         if name in FROZEN:
@@ -141,7 +141,7 @@ def test_the_loss_falls_over_30_adamw_steps(tiny: TinySetup) -> None:
 def test_the_target_is_not_trained_through_the_features(tiny: TinySetup) -> None:
     assert not tiny.features.requires_grad and not tiny.final_hidden.requires_grad
     draft = build_draft(tiny).train()
-    out = draft(tiny.input_ids, tiny.features, tiny.final_hidden, tiny.loss_mask)
+    out = DSparkObjective()(draft, draft(tiny.input_ids, tiny.features, tiny.final_hidden, tiny.loss_mask))
     out.loss.backward()
     assert all(p.grad is None for p in tiny.target.parameters())
 
@@ -161,7 +161,8 @@ def test_model_loss_equals_the_objective_on_its_own_logits(gamma: float | None) 
     keep = torch.tensor([[True, True, True, True], [True, True, True, False]])
     config = DSparkLossConfig(decay_gamma=gamma, chunk_size=5)
     with torch.no_grad():
-        out = model(*batch.args(), anchors=anchors, keep=keep, return_logits=True, loss_config=config)
+        out = model(*batch.args(), anchors=anchors, keep=keep, return_logits=True)
+        objective = DSparkObjective(config)(model, out)
     assert out.logits is not None and out.confidence_logits is not None
 
     block = model.config.block_size
@@ -186,11 +187,12 @@ def test_model_loss_equals_the_objective_on_its_own_logits(gamma: float | None) 
     def mean(term: Tensor) -> Tensor:
         return (weights * term.reshape(weights.shape)).sum() / weights.sum()
 
-    expected = {"ce": mean(ce), "l1": mean(distance), "confidence_loss": mean(bce)}
+    expected = {"ce": mean(ce), "l1": mean(distance), "confidence": mean(bce)}
     for name, value in expected.items():
-        torch.testing.assert_close(getattr(out, name).float(), value, atol=1e-5, rtol=1e-5, msg=name)
-    total = 0.1 * expected["ce"] + 0.9 * expected["l1"] + 1.0 * expected["confidence_loss"]
-    torch.testing.assert_close(out.loss.float(), total, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(getattr(objective, name).float(), value, atol=1e-5, rtol=1e-5, msg=name)
+    total = 0.1 * expected["ce"] + 0.9 * expected["l1"] + 1.0 * expected["confidence"]
+    torch.testing.assert_close(objective.loss.float(), total, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(objective.total.float(), total, atol=1e-5, rtol=1e-5)
     # sanity: teacher logits from the anchor's own position shifted by one would not match
     shifted = model.lm_head(batch.target_final_hidden[rows, label_index]).float().softmax(-1)
     assert (mean((draft_probs - shifted).abs().sum(-1)) - expected["l1"]).abs() > 1e-3

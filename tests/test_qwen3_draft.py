@@ -30,6 +30,7 @@ from qwen3_draft_helpers import (
 from safetensors import safe_open
 from transformers import LlamaConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_core import resolve_dspark_draft_spec
 from dspark_core.errors import DraftConfigError
 from dspark_core.layer_ids import build_target_layer_ids
@@ -469,7 +470,8 @@ def test_bf16_cast_keeps_inv_freq_fp32_and_gives_finite_outputs(tmp_path: Path) 
         out = model(*batch.args(), anchors=ANCHORS, keep=KEEP, return_logits=True)
         proposal = model.propose(batch.input_ids[:, 6], batch.target_features[:, :6], model.new_cache())
     assert out.logits is not None and out.confidence_logits is not None
-    for tensor in (out.loss, out.logits, out.confidence_logits, proposal.logits, proposal.probs):
+    loss = DSparkObjective()(model, out).loss
+    for tensor in (loss, out.logits, out.confidence_logits, proposal.logits, proposal.probs):
         assert torch.isfinite(tensor).all()
     assert out.confidence_logits.dtype == torch.float32
 
@@ -493,7 +495,7 @@ def test_bf16_outputs_track_fp32() -> None:
 def test_embeddings_and_lm_head_are_frozen_and_get_no_grad() -> None:
     model = make_draft(markov_head_type="gated").train()
     assert not model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
-    out = model(*random_batch(2, 16, seed=8).args(), anchors=ANCHORS, keep=KEEP)
+    out = DSparkObjective()(model, model(*random_batch(2, 16, seed=8).args(), anchors=ANCHORS, keep=KEEP))
     out.loss.backward()
     assert model.embed_tokens.weight.grad is None and model.lm_head.weight.grad is None
     for name, param in model.named_parameters():
@@ -535,7 +537,7 @@ def test_spec_builds_a_draft_from_a_target(moe: bool) -> None:
     # it runs on features of the target's shape
     batch = random_batch(1, 12, seed=9)
     out = draft(*batch.args(), anchors=torch.tensor([[1, 4, 6, 8]]))
-    assert torch.isfinite(out.loss)
+    assert torch.isfinite(DSparkObjective()(draft, out).loss)
 
 
 def test_spec_build_draft_follows_the_target_dtype() -> None:

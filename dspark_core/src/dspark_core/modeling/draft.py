@@ -21,7 +21,6 @@ from dspark_core.modeling import blocks, masks
 from dspark_core.modeling.attention import RotaryEmbedding
 from dspark_core.modeling.confidence import ConfidenceHead
 from dspark_core.modeling.draft_config import validate_dspark_config
-from dspark_core.modeling.loss import DSparkLossConfig, dspark_objective
 from dspark_core.modeling.markov import MarkovHead, build_markov_head
 from dspark_core.modeling.sampling import filtered_probs
 
@@ -75,18 +74,18 @@ class BlockProposal:
 
 @dataclass
 class DSparkDraftOutput:
-    """The training forward's result. ``loss`` is ready for ``backward``."""
+    """The training forward's block outputs, each ``[b, N, B, ...]``; the objective
+    (:class:`~dspark_core.modeling.loss.DSparkObjective`) turns them into the loss."""
 
-    loss: Tensor
-    ce: Tensor
-    l1: Tensor
-    confidence_loss: Tensor
-    diagnostics: dict[str, tuple[Tensor, Tensor]]
-    anchors: Tensor
-    keep: Tensor
-    eval_mask: Tensor
-    logits: Tensor | None = None
-    confidence_logits: Tensor | None = None
+    hidden: Tensor  # [b, N, B, H] final (normed) draft states
+    markov_latent: Tensor | None  # [b, N, B, r]; None without a Markov head
+    confidence_logits: Tensor | None  # [b, N, B]; None without a confidence head
+    teacher_hidden: Tensor  # [b, N, B, H] the target's final states at each slot's position
+    labels: Tensor  # [b, N, B] the token each slot should propose
+    eval_mask: Tensor  # [b, N, B] bool: the slots the objective supervises
+    anchors: Tensor  # [b, N]
+    keep: Tensor  # [b, N] bool
+    logits: Tensor | None = None  # [b, N, B, V] float32, only with return_logits
 
 
 class DSparkDraftModel(PreTrainedModel):
@@ -307,11 +306,9 @@ class DSparkDraftModel(PreTrainedModel):
         anchors: Tensor | None = None,
         keep: Tensor | None = None,
         generator: torch.Generator | None = None,
-        loss_config: DSparkLossConfig | None = None,
         return_logits: bool = False,
-        process_group: Any = None,
     ) -> DSparkDraftOutput:
-        """The training forward over ``N`` sampled blocks per row, with the DSpark objective.
+        """The training forward over ``N`` sampled blocks per row; the loss is the objective's job.
 
         ``target_features`` ``[b, S, L*H]`` are the target's hidden states at ``target_layer_ids``;
         ``target_final_hidden`` ``[b, S, H]`` its final-norm states (teacher logits come from them
@@ -360,31 +357,17 @@ class DSparkDraftModel(PreTrainedModel):
             target_final_hidden, blocks.block_target_positions(anchors, block_size, seq_len)
         )
 
-        flat = batch * num_anchors
-        objective = dspark_objective(
-            draft_hidden=hidden.reshape(flat, block_size, -1),
-            markov_latent=None if latent is None else latent.reshape(flat, block_size, -1),
-            teacher_hidden=teacher.reshape(flat, block_size, -1),
-            lm_head_weight=self.lm_head.weight,
-            markov_w2_weight=None if self.markov_head is None else self.markov_head.markov_w2.weight,
-            labels=labels.reshape(flat, block_size),
-            eval_mask=eval_mask.reshape(flat, block_size),
-            confidence_logits=None if confidence is None else confidence.reshape(flat, block_size),
-            config=loss_config or DSparkLossConfig(),
-            process_group=process_group,
-        )
         logits = self.block_logits(hidden, latent) if return_logits else None
         return DSparkDraftOutput(
-            loss=objective.loss,
-            ce=objective.ce,
-            l1=objective.l1,
-            confidence_loss=objective.confidence,
-            diagnostics=objective.diagnostics,
+            hidden=hidden,
+            markov_latent=latent,
+            confidence_logits=confidence,
+            teacher_hidden=teacher,
+            labels=labels,
+            eval_mask=eval_mask,
             anchors=anchors,
             keep=keep,
-            eval_mask=eval_mask,
             logits=logits,
-            confidence_logits=confidence,
         )
 
     def block_logits(self, hidden: Tensor, latent: Tensor | None) -> Tensor:

@@ -11,40 +11,20 @@ from __future__ import annotations
 import itertools
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from dspark_core.errors import DraftConfigError
 from dspark_core.layer_ids import build_target_layer_ids
-from dspark_core.modeling.markov import MARKOV_HEAD_TYPES
+from dspark_core.options import MARKOV_HEAD_TYPES, DSparkDraftOptions
+from dspark_core.validation import require_int
 
 
 class TargetLayerWarning(UserWarning):
     """A feature layer that some serving engines (SGLang) cannot capture."""
 
 
-@dataclass(frozen=True)
-class DSparkDraftOptions:
-    """What a user chooses when building a draft; ``None`` means the method's default."""
-
-    num_draft_layers: int = 5
-    block_size: int = 7
-    target_layer_ids: Sequence[int] | None = None
-    num_feature_layers: int | None = None
-    mask_token_id: int | None = None
-    num_anchors: int = 512
-    markov_rank: int = 256
-    markov_head_type: str = "vanilla"
-    enable_confidence_head: bool = True
-    confidence_head_with_markov: bool = True
-
-
 def _require_int(field: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise DraftConfigError(f"`{field}` must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise DraftConfigError(f"`{field}` must be >= {minimum}, got {value}")
-    return value
+    return require_int(f"`{field}`", value, minimum=minimum)
 
 
 def _token_ids(config: Any, name: str) -> set[int]:

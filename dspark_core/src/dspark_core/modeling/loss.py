@@ -22,9 +22,8 @@ fp64.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -32,11 +31,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from dspark_core.errors import DraftConfigError
+from dspark_core.options import DSparkLossConfig
+
+if TYPE_CHECKING:
+    from dspark_core.modeling.draft import DSparkDraftModel, DSparkDraftOutput
 
 __all__ = [
     "ECE_NUM_BINS",
     "DSparkLossConfig",
+    "DSparkObjective",
     "DSparkObjectiveOutput",
     "dspark_objective",
     "slot_weights",
@@ -47,41 +50,6 @@ ECE_NUM_BINS = 10
 
 
 @dataclass(frozen=True)
-class DSparkLossConfig:
-    """Weights, decay and chunking of :func:`dspark_objective`.
-
-    ``decay_gamma=None`` weights every supervised slot equally; ``chunk_size=None`` builds the
-    logits of all supervised tokens at once.
-    """
-
-    ce_weight: float = 0.1
-    l1_weight: float = 0.9
-    confidence_weight: float = 1.0
-    decay_gamma: float | None = 4.0
-    chunk_size: int | None = 4096
-
-    def __post_init__(self) -> None:
-        for name in ("ce_weight", "l1_weight", "confidence_weight"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
-                raise DraftConfigError(
-                    f"DSparkLossConfig.{name} must be a finite number >= 0, got {value!r}."
-                )
-        gamma = self.decay_gamma
-        # `not gamma > 0` also rejects NaN; +inf is allowed and means no decay.
-        if gamma is not None and (not _is_real(gamma) or not gamma > 0):
-            raise DraftConfigError(
-                f"DSparkLossConfig.decay_gamma must be > 0, or None for no decay; got {gamma!r}."
-            )
-        chunk = self.chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-            raise DraftConfigError(
-                "DSparkLossConfig.chunk_size must be an integer >= 1, or None for no chunking; "
-                f"got {chunk!r}."
-            )
-
-
-@dataclass(frozen=True)
 class DSparkObjectiveOutput:
     """What :func:`dspark_objective` returns.
 
@@ -89,7 +57,7 @@ class DSparkObjectiveOutput:
       is this rank's share times the world size, so that averaging gradients over ranks (DDP, FSDP)
       yields the gradient of the global weighted mean; its value differs between ranks.
     - ``ce``, ``l1``, ``confidence``: the normalised terms, detached, global across ranks
-      (``confidence`` is 0 without a confidence head).
+      (``confidence`` is 0 without a confidence head); ``total`` their weighted sum, the loss to report.
     - ``diagnostics``: name -> ``(numerator, denominator)``, 0-d float64 tensors summed across
       ranks; the metric is ``numerator / denominator``. Summing both over steps gives the
       count-weighted metric over those steps.
@@ -100,6 +68,8 @@ class DSparkObjectiveOutput:
     l1: Tensor
     confidence: Tensor
     diagnostics: dict[str, tuple[Tensor, Tensor]]
+    #: the weighted sum of the global terms, detached: the same on every rank, unlike ``loss``
+    total: Tensor
 
 
 def slot_weights(
@@ -230,11 +200,47 @@ def dspark_objective(
         l1=l1_value,
         confidence=conf_value,
         diagnostics=_diagnostics(parts, block_size, with_confidence=confidence_logits is not None),
+        total=config.ce_weight * ce_value + config.l1_weight * l1_value + config.confidence_weight * conf_value,
     )
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+class DSparkObjective:
+    """The objective of a draft's training forward: ``DSparkObjective(config)(draft, output)``.
+
+    It owns the loss weighting and the cross-rank reduction (``process_group``, ``all_reduce``, as in
+    :func:`dspark_objective`), so the model's forward knows nothing of either.
+    """
+
+    def __init__(
+        self,
+        config: DSparkLossConfig | None = None,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        all_reduce: bool | None = None,
+    ) -> None:
+        self.config = config or DSparkLossConfig()
+        self.process_group = process_group
+        self.all_reduce = all_reduce
+
+    def __call__(self, draft: DSparkDraftModel, output: DSparkDraftOutput) -> DSparkObjectiveOutput:
+        """The objective of ``output``, a forward of ``draft`` (whose ``lm_head`` and ``markov_w2``
+        turn the hidden states into logits)."""
+        markov = draft.markov_head
+        latent = output.markov_latent
+        confidence = output.confidence_logits
+        return dspark_objective(
+            draft_hidden=output.hidden.flatten(0, 1),
+            markov_latent=None if latent is None else latent.flatten(0, 1),
+            teacher_hidden=output.teacher_hidden.flatten(0, 1),
+            lm_head_weight=draft.lm_head.weight,
+            markov_w2_weight=None if markov is None else markov.markov_w2.weight,
+            labels=output.labels.flatten(0, 1),
+            eval_mask=output.eval_mask.flatten(0, 1),
+            confidence_logits=None if confidence is None else confidence.flatten(0, 1),
+            config=self.config,
+            process_group=self.process_group,
+            all_reduce=self.all_reduce,
+        )
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:

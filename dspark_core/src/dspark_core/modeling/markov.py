@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.sampling import filtered_probs
+from dspark_core.options import MARKOV_HEAD_TYPES
 
 __all__ = [
     "MARKOV_HEAD_TYPES",
@@ -32,7 +33,6 @@ __all__ = [
     "build_markov_head",
 ]
 
-MARKOV_HEAD_TYPES: Final[tuple[str, ...]] = ("vanilla", "gated", "rnn")
 
 
 def _require_positive(field: str, value: int, hint: str) -> None:

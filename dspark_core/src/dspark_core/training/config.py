@@ -1,11 +1,20 @@
-"""The training configuration: one flat dataclass, read from YAML/TOML and overridden by flags.
+"""The training configuration, read from YAML/TOML/JSON and overridden by flags (torch-free).
 
-This module imports neither torch nor transformers, so the CLI can build its parser cheaply.
+:class:`TrainConfig` holds the run's own options and nests the two option sets the library owns
+(:mod:`dspark_core.options`): ``draft`` (:class:`DSparkDraftOptions`) and ``loss``
+(:class:`DSparkLossConfig`). A file may write them as tables::
 
-A config file is a flat mapping of :class:`TrainConfig` field names (hyphens or underscores) to
-values, e.g. ``lr: 3.0e-4``; unknown keys are an error that suggests the nearest field. Flags given
-on the command line override the file. :meth:`TrainConfig.incompatibilities` lists the fields that
-may not change when a run is resumed.
+    lr = 3e-4
+    [draft]
+    block_size = 7
+    [loss]
+    decay_gamma = 4.0
+
+or flat, as every earlier version did: a nested option's own name works at the top level
+(``block_size = 7``), and so do the legacy names in :data:`LEGACY_ALIASES`. Hyphens and underscores are
+interchangeable; unknown keys are an error that suggests the nearest option. Every option, nested or
+not, is one flag named after it (``--block-size``). :meth:`TrainConfig.incompatibilities` lists the options
+that may not change when a run is resumed.
 """
 
 from __future__ import annotations
@@ -17,19 +26,31 @@ import math
 import tomllib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from dspark_core.errors import DSparkError
+from dspark_core.options import (
+    ATTENTION_IMPLEMENTATIONS,
+    DEVICES,
+    MARKOV_HEAD_TYPES,
+    DSparkDraftOptions,
+    DSparkLossConfig,
+    canonical_precision,
+)
 
 __all__ = [
+    "LEGACY_ALIASES",
+    "LIMITS",
     "RUN_CONTROL_FIELDS",
     "ConfigError",
+    "OptionField",
     "TrainConfig",
     "field_help",
     "load_config_file",
+    "option_fields",
 ]
 
 
@@ -42,10 +63,23 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+#: The nested option sets: table name -> dataclass.
+SECTIONS: dict[str, type[Any]] = {"draft": DSparkDraftOptions, "loss": DSparkLossConfig}
+
+#: Flat names of earlier versions -> the nested option's name. Still accepted in files and as flags.
+LEGACY_ALIASES: dict[str, str] = {
+    "confidence_head": "enable_confidence_head",
+    "loss_decay_gamma": "decay_gamma",
+    "loss_chunk_size": "chunk_size",
+}
+
+#: Sanity maxima: past these a run exhausts memory or diverges. ``ignore_limits`` lifts them.
+LIMITS: dict[str, float] = {"block_size": 64, "num_anchors": 8192, "max_length": 131072, "lr": 0.1}
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Field groups: run, data, draft, optimisation, loss, hardware,
-    logging and checkpoints, evaluation. ``target``, ``data`` and ``output_dir`` are required."""
+    """Everything a training run needs. ``target``, ``data`` and ``output_dir`` are required."""
 
     # -- run ----------------------------------------------------------------------------------
     target: str = _f(
@@ -76,30 +110,15 @@ class TrainConfig:
             "help": "extra chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}'"
         },
     )
+    mask_token: str | None = _f(
+        None, "the mask token as a string, resolved with the target's tokenizer (or give mask_token_id)"
+    )
 
-    # -- draft --------------------------------------------------------------------------------
-    num_draft_layers: int = _f(5, "draft depth D")
-    block_size: int = _f(7, "block size B: tokens proposed per round")
-    num_anchors: int = _f(512, "blocks sampled per training row (N)")
-    target_layer_ids: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "target layers whose hidden states feed the draft (default: spread over its depth)"
-        },
+    # -- the draft and the objective (nested option sets) --------------------------------------
+    draft: DSparkDraftOptions = field(
+        default_factory=DSparkDraftOptions, metadata={"help": "the draft's options"}
     )
-    num_feature_layers: int | None = _f(None, "number of feature layers when target_layer_ids is not given")
-    mask_token_id: int | None = _f(
-        None,
-        "the draft's mask token id (default: the first embedding row past the tokenizer, else the first "
-        "unused special token)",
-    )
-    mask_token: str | None = _f(None, "the mask token as a string, resolved with the target's tokenizer")
-    markov_rank: int = _f(256, "rank r of the Markov head; 0 disables it")
-    markov_head_type: str = _f("vanilla", "Markov head: vanilla, gated or rnn")
-    confidence_head: bool = _f(True, "train a confidence head")
-    confidence_head_with_markov: bool = _f(
-        True, "the confidence head also sees the Markov embedding (only with markov_rank > 0)"
-    )
+    loss: DSparkLossConfig = field(default_factory=DSparkLossConfig, metadata={"help": "the objective"})
 
     # -- optimisation -------------------------------------------------------------------------
     batch_size: int = _f(8, "rows per micro-batch on each rank")
@@ -113,19 +132,25 @@ class TrainConfig:
     adam_beta2: float = _f(0.95, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
-
-    # -- loss ---------------------------------------------------------------------------------
-    ce_weight: float = _f(0.1, "weight of the cross-entropy term")
-    l1_weight: float = _f(0.9, "weight of the L1 (2 x total variation) term")
-    confidence_weight: float = _f(1.0, "weight of the confidence BCE term")
-    loss_decay_gamma: float | None = _f(4.0, "slot weight decay exp(-k/gamma); 'none' for no decay")
-    loss_chunk_size: int | None = _f(4096, "supervised tokens per vocabulary chunk of the objective")
+    loss_spike_factor: float = _f(
+        100.0,
+        "stop the run (keeping the last good checkpoint) when the loss exceeds this multiple of its "
+        "running median, as for a NaN loss; 0 disables the check",
+    )
+    ignore_limits: bool = _f(
+        False,
+        "accept block_size, num_anchors, max_length and lr beyond their sanity limits "
+        + ", ".join(f"{k} <= {v:g}" for k, v in LIMITS.items()),
+    )
 
     # -- hardware -----------------------------------------------------------------------------
     device: str = _f("auto", "auto (cuda when available), cpu or cuda")
-    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32")
+    precision: str = _f(
+        "auto", "auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32 (bfloat16/float32 also accepted)"
+    )
     attn_implementation: str = _f(
-        "auto", "draft attention: auto (flex_attention on CUDA, sdpa on CPU), sdpa, eager or flex_attention"
+        "auto",
+        "draft attention: auto (flex_attention on CUDA, sdpa on CPU), " + ", ".join(ATTENTION_IMPLEMENTATIONS),
     )
     parallelism: str = _f("ddp", "with several ranks: ddp, or fsdp (FSDP2 fully_shard)")
 
@@ -154,130 +179,52 @@ class TrainConfig:
         self.validate(require_paths=False)
 
     @classmethod
-    def field_names(cls) -> list[str]:
-        """The field names, in declaration order."""
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_mapping(cls, values: Mapping[str, Any], *, source: str = "config") -> TrainConfig:
-        """Build a config from ``values`` (keys may use hyphens); unknown keys raise :class:`ConfigError`."""
-        return cls().updated(values, source=source)
+        """Build a config from ``values`` (tables or flat keys, hyphens allowed); unknown keys raise
+        :class:`ConfigError`."""
+        return _build(_apply(_leaves(cls()), values, source))
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
-        """Read a YAML or TOML file, then apply ``overrides`` (e.g. command-line flags)."""
+        """Read a YAML, TOML or JSON file, then apply ``overrides`` (e.g. command-line flags)."""
         config = cls.from_mapping(load_config_file(path), source=str(path))
         return config.updated(overrides or {}, source="flags")
 
     def updated(self, values: Mapping[str, Any], *, source: str = "overrides") -> TrainConfig:
-        """A copy with ``values`` applied, each converted to the field's type and checked."""
-        hints = typing.get_type_hints(TrainConfig)
-        known = set(self.field_names())
-        current = dataclasses.asdict(self)
-        for raw_key, value in values.items():
-            key = str(raw_key).replace("-", "_")
-            if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown training option {raw_key!r}{hint}")
-            current[key] = _coerce(key, value, hints[key], source)
-        config = TrainConfig.__new__(TrainConfig)
-        for name, value in current.items():
-            setattr(config, name, value)
-        config.validate(require_paths=False)
-        return config
+        """A copy with ``values`` applied, each converted to the option's type and checked."""
+        return _build(_apply(_leaves(self), values, source))
 
     def validate(self, *, require_paths: bool = True) -> None:
         """Check ranges and choices; with ``require_paths``, also that target, data and output are set."""
-        problems: list[str] = []
-        if require_paths:
-            for name in ("target", "output_dir"):
-                if not getattr(self, name):
-                    problems.append(f"{name} is required")
-            if not self.data:
-                problems.append("data is required (JSONL files, or 'demo')")
-        positive = (
-            "max_length",
-            "num_draft_layers",
-            "block_size",
-            "num_anchors",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "log_every",
-            "save_every",
-            "keep_last",
-            "eval_prompts",
-            "eval_max_new_tokens",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = (
-            "markov_rank",
-            "warmup_steps",
-            "weight_decay",
-            "max_grad_norm",
-            "min_lr",
-            "eval_every",
-            "eval_temperature",
-            "ce_weight",
-            "l1_weight",
-            "confidence_weight",
-        )
-        for name in non_negative:
-            value = getattr(self, name)
-            if value < 0 or (isinstance(value, float) and not math.isfinite(value)):
-                problems.append(f"{name} must be a finite number >= 0, got {value}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.min_lr > self.lr:
-            problems.append(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} must lie in [0, 1), got {getattr(self, name)}")
-        choices = {
-            "device": ("auto", "cpu", "cuda"),
-            "precision": ("auto", "bf16", "fp32"),
-            "attn_implementation": ("auto", "sdpa", "eager", "flex_attention"),
-            "parallelism": ("ddp", "fsdp"),
-            "markov_head_type": ("vanilla", "gated", "rnn"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.mask_token_id is not None and self.mask_token is not None:
-            problems.append("give mask_token_id or mask_token, not both")
-        if self.stop_at_step is not None and self.stop_at_step < 1:
-            problems.append(f"stop_at_step must be >= 1, got {self.stop_at_step}")
-        if self.resume and self.overwrite:
-            problems.append("resume and overwrite exclude each other")
-        if self.eval_every and not self.eval_data:
-            problems.append("eval_every needs eval_data (a JSONL file of chat rows, or 'demo')")
+        problems = _problems(_leaves(self), require_paths=require_paths)
         if problems:
             raise ConfigError("invalid training config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy."""
+        """A JSON-serialisable copy, with the ``draft`` and ``loss`` tables nested."""
         return dataclasses.asdict(self)
 
     def incompatibilities(self, other: TrainConfig | Mapping[str, Any]) -> list[str]:
-        """The fields (outside :data:`RUN_CONTROL_FIELDS`) whose values differ from ``other``'s,
-        formatted ``name: other -> self``; a resumed run must have none."""
-        theirs = other.to_dict() if isinstance(other, TrainConfig) else dict(other)
-        mine = self.to_dict()
+        """The options (outside :data:`RUN_CONTROL_FIELDS`) whose values differ from ``other``'s,
+        formatted ``name: other -> self``; a resumed run must have none. ``other`` may be the flat
+        mapping an earlier version saved."""
+        mine = _leaves(self)
+        if isinstance(other, TrainConfig):
+            theirs = _leaves(other)
+        else:
+            theirs = _effective(_apply({}, other, "saved config", strict=False))
         out: list[str] = []
-        for name in self.field_names():
+        for name, value in mine.items():
             if name in RUN_CONTROL_FIELDS:
                 continue
             if name not in theirs:
-                out.append(f"{name}: (absent) -> {mine[name]!r}")
-            elif _normalised(theirs[name]) != _normalised(mine[name]):
-                out.append(f"{name}: {theirs[name]!r} -> {mine[name]!r}")
+                out.append(f"{name}: (absent) -> {value!r}")
+            elif _normalised(theirs[name]) != _normalised(value):
+                out.append(f"{name}: {theirs[name]!r} -> {value!r}")
         return out
 
 
-#: Fields that may change between a run and its resumption: they steer logging, checkpointing,
+#: Options that may change between a run and its resumption: they steer logging, checkpointing,
 #: evaluation and the hardware, not what is learnt.
 RUN_CONTROL_FIELDS = frozenset(
     {
@@ -298,16 +245,200 @@ RUN_CONTROL_FIELDS = frozenset(
         "precision",
         "attn_implementation",
         "parallelism",
+        "ignore_limits",
+        "loss_spike_factor",
     }
 )
 
 
-def field_help(name: str) -> str:
-    """The help text of field ``name``."""
+@dataclass(frozen=True)
+class OptionField:
+    """One option as a user writes it: its flat name, where it lives, its type and help."""
+
+    name: str
+    section: str | None
+    hint: Any
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+def option_fields() -> list[OptionField]:
+    """Every option, nested ones flattened, in declaration order."""
+    out: list[OptionField] = []
+    hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
-        if f.name == name:
-            return str(f.metadata.get("help", ""))
+        if f.name not in SECTIONS:
+            out.append(OptionField(f.name, None, hints[f.name], str(f.metadata.get("help", ""))))
+            continue
+        section_hints = typing.get_type_hints(SECTIONS[f.name])
+        for sub in fields(SECTIONS[f.name]):
+            aliases = tuple(old for old, new in LEGACY_ALIASES.items() if new == sub.name)
+            out.append(
+                OptionField(
+                    sub.name, f.name, section_hints[sub.name], str(sub.metadata.get("help", "")), aliases
+                )
+            )
+    return out
+
+
+def field_help(name: str) -> str:
+    """The help text of option ``name`` (flat name)."""
+    for option in option_fields():
+        if option.name == name:
+            return option.help
     raise KeyError(name)
+
+
+# -- flat leaves: one mapping name -> value, the form every check and comparison works on ------
+
+
+def _leaves(config: TrainConfig) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for option in option_fields():
+        holder = getattr(config, option.section) if option.section else config
+        out[option.name] = getattr(holder, option.name)
+    return out
+
+
+def _option_table() -> dict[str, OptionField]:
+    return {option.name: option for option in option_fields()}
+
+
+def _apply(
+    leaves: dict[str, Any], values: Mapping[str, Any], source: str, *, strict: bool = True
+) -> dict[str, Any]:
+    """``leaves`` updated with ``values``; without ``strict`` (a saved config) unknown keys are skipped."""
+    table = _option_table()
+    out = dict(leaves)
+    for key, value, section in _flat_items(values):
+        name = LEGACY_ALIASES.get(key, key)
+        option = table.get(name)
+        if option is None or (section is not None and option.section != section):
+            if not strict:
+                continue
+            scope = f"{section}." if section else ""
+            candidates = [o.name for o in table.values() if section is None or o.section == section]
+            close = difflib.get_close_matches(name, sorted(candidates), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: unknown training option {scope + str(key)!r}{hint}")
+        out[name] = _coerce(name, value, option.hint, source)
+    return out
+
+
+def _flat_items(values: Mapping[str, Any]) -> Iterator[tuple[str, Any, str | None]]:
+    """``(key, value, section)`` for every option in ``values``: tables and dotted keys unfolded."""
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        section, _, rest = key.partition(".")
+        if rest and section in SECTIONS:
+            yield rest, value, section
+        elif key in SECTIONS and isinstance(value, Mapping):
+            for sub_key, sub_value in value.items():
+                yield str(sub_key).replace("-", "_"), sub_value, key
+        else:
+            yield key, value, None
+
+
+def _effective(leaves: dict[str, Any]) -> dict[str, Any]:
+    """The options as the trainer uses them."""
+    # Without a Markov head there are no Markov features: say so in the config itself.
+    if leaves.get("markov_rank") == 0 and leaves.get("confidence_head_with_markov"):
+        return {**leaves, "confidence_head_with_markov": False}
+    return leaves
+
+
+def _build(leaves: dict[str, Any]) -> TrainConfig:
+    """A validated :class:`TrainConfig` from flat leaves."""
+    leaves = _effective(leaves)
+    problems = _problems(leaves, require_paths=False)
+    if problems:
+        raise ConfigError("invalid training config: " + "; ".join(problems))
+    leaves = {**leaves, "precision": canonical_precision(leaves["precision"], error=ConfigError)}
+    by_section: dict[str | None, dict[str, Any]] = {}
+    for option in option_fields():
+        by_section.setdefault(option.section, {})[option.name] = leaves[option.name]
+    top = by_section.pop(None)
+    nested = {name: SECTIONS[name](**values) for name, values in by_section.items()}
+    return TrainConfig(**top, **nested)
+
+
+_POSITIVE = (
+    "max_length",
+    "num_draft_layers",
+    "block_size",
+    "num_anchors",
+    "batch_size",
+    "grad_accum",
+    "max_steps",
+    "log_every",
+    "save_every",
+    "keep_last",
+    "eval_prompts",
+    "eval_max_new_tokens",
+)
+_NON_NEGATIVE = (
+    "markov_rank",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "min_lr",
+    "eval_every",
+    "eval_temperature",
+    "ce_weight",
+    "l1_weight",
+    "confidence_weight",
+    "loss_spike_factor",
+)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "device": DEVICES,
+    "precision": ("auto", "bf16", "fp32", "bfloat16", "float32"),
+    "attn_implementation": ("auto", *ATTENTION_IMPLEMENTATIONS),
+    "parallelism": ("ddp", "fsdp"),
+    "markov_head_type": MARKOV_HEAD_TYPES,
+}
+
+
+def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
+    """Every range, choice and consistency problem of the flat options ``v``."""
+    problems: list[str] = []
+    if require_paths:
+        problems += [f"{name} is required" for name in ("target", "output_dir") if not v[name]]
+        if not v["data"]:
+            problems.append("data is required (JSONL files, or 'demo')")
+    problems += [f"{n} must be >= 1, got {v[n]}" for n in _POSITIVE if v[n] < 1]
+    for name in _NON_NEGATIVE:
+        if v[name] < 0 or (isinstance(v[name], float) and not math.isfinite(v[name])):
+            problems.append(f"{name} must be a finite number >= 0, got {v[name]}")
+    if not (v["lr"] > 0 and math.isfinite(v["lr"])):
+        problems.append(f"lr must be > 0, got {v['lr']}")
+    if v["min_lr"] > v["lr"]:
+        problems.append(f"min_lr ({v['min_lr']}) must not exceed lr ({v['lr']})")
+    if not v["ignore_limits"]:
+        problems += [
+            f"{name} {v[name]!r} exceeds the sanity limit {limit:g}; pass --ignore-limits if you mean it"
+            for name, limit in LIMITS.items()
+            if isinstance(v[name], int | float) and math.isfinite(v[name]) and v[name] > limit
+        ]
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= v[name] < 1:
+            problems.append(f"{name} must lie in [0, 1), got {v[name]}")
+    for name, allowed in _CHOICES.items():
+        if v[name] not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}, got {v[name]!r}")
+    gamma, chunk = v["decay_gamma"], v["chunk_size"]
+    if gamma is not None and not gamma > 0:
+        problems.append(f"decay_gamma must be > 0, or none for no decay, got {gamma}")
+    if chunk is not None and chunk < 1:
+        problems.append(f"chunk_size must be >= 1, or none for no chunking, got {chunk}")
+    if v["mask_token_id"] is not None and v["mask_token"] is not None:
+        problems.append("give mask_token_id or mask_token, not both")
+    if v["stop_at_step"] is not None and v["stop_at_step"] < 1:
+        problems.append(f"stop_at_step must be >= 1, got {v['stop_at_step']}")
+    if v["resume"] and v["overwrite"]:
+        problems.append("resume and overwrite exclude each other")
+    if v["eval_every"] and not v["eval_data"]:
+        problems.append("eval_every needs eval_data (a JSONL file of chat rows, or 'demo')")
+    return problems
 
 
 def _normalised(value: Any) -> Any:
@@ -316,7 +447,7 @@ def _normalised(value: Any) -> Any:
 
 
 def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
-    """Convert ``value`` to the type ``hint`` of field ``name`` (strings from flags included)."""
+    """Convert ``value`` to the type ``hint`` of option ``name`` (strings from flags included)."""
     args = typing.get_args(hint)
     optional = (typing.get_origin(hint) in (typing.Union, types.UnionType)) and type(None) in args
     if optional:
@@ -339,7 +470,7 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             if not isinstance(value, str | Path):
                 raise ValueError(f"expected a string, got {value!r}")
             return str(value)
-        if origin is list:
+        if origin in (list, Sequence):
             (item,) = typing.get_args(hint)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()] if item is int else [value]
@@ -368,7 +499,7 @@ def _to_bool(value: Any) -> bool:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a ``.yaml``/``.yml``/``.toml``/``.json`` file holding one flat mapping of options."""
+    """Read a ``.yaml``/``.yml``/``.toml``/``.json`` file holding one mapping of options."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"config file not found: {file}")
