@@ -15,7 +15,8 @@ from transformers import AutoTokenizer
 from dspark_core.cli import main as cli_main
 from dspark_core.errors import DraftConfigError
 from dspark_core.training.config import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
-from dspark_core.training.trainer import WarmupCosine, resolve_mask_token_id
+from dspark_core.training.data import resolve_mask_token_id
+from dspark_core.training.optim import WarmupCosine
 from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_tokenizer
 
 
@@ -36,7 +37,7 @@ def test_yaml_and_toml_files_with_flag_overrides(tmp_path: Path, capsys: pytest.
     )
     assert config["lr"] == 1e-3  # the flag wins
     assert config["batch_size"] == 4 and config["data"] == ["a.jsonl", "b.jsonl"]
-    assert config["target_layer_ids"] == [1, 3] and config["loss_decay_gamma"] is None
+    assert config["draft"]["target_layer_ids"] == [1, 3] and config["loss"]["decay_gamma"] is None
     assert config["pack"] is False and config["output_dir"] == "out"
     assert config["chat_template_kwargs"] == {"enable_thinking": False}
 
@@ -46,7 +47,7 @@ def test_yaml_and_toml_files_with_flag_overrides(tmp_path: Path, capsys: pytest.
         capsys, "--config", str(toml_file), "--target-layer-ids", "0,2", "--loss-decay-gamma", "none"
     )
     assert config["max_steps"] == 7 and config["precision"] == "fp32"
-    assert config["target_layer_ids"] == [0, 2] and config["loss_decay_gamma"] is None
+    assert config["draft"]["target_layer_ids"] == [0, 2] and config["loss"]["decay_gamma"] is None
 
 
 def test_bad_options_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,11 +75,17 @@ def test_bad_options_name_the_option(tmp_path: Path, capsys: pytest.CaptureFixtu
 def test_incompatibilities_list_learning_fields_only() -> None:
     base = TrainConfig.from_mapping({"target": "t", "data": ["d"], "output_dir": "o"})
     changed = base.updated({"lr": 1e-3, "num_anchors": 64, "log_every": 3, "save_every": 9, "device": "cpu"})
-    assert changed.incompatibilities(base) == [
-        f"num_anchors: {base.num_anchors!r} -> 64",
-        f"lr: {base.lr!r} -> 0.001",
+    assert changed.incompatibilities(base) == [f"num_anchors: {base.draft.num_anchors!r} -> 64"]
+    # lr may change on resume (a run stopped by a NaN continues more gently), with a logged note.
+    assert changed.adjustments(base) == [f"lr: {base.lr!r} -> 0.001"]
+    saved = base.to_dict()
+    assert changed.incompatibilities(saved | {"lr": 1e-3, "draft": saved["draft"] | {"num_anchors": 64}}) == []
+    # A flat config saved by an earlier version compares equal to its nested form.
+    flat = {k: v for k, v in base.to_dict().items() if k not in ("draft", "loss")}
+    flat |= base.to_dict()["draft"] | {"loss_decay_gamma": 4.0, "confidence_head": True}
+    assert base.incompatibilities(flat | {k: v for k, v in base.to_dict()["loss"].items() if "weight" in k}) == [
+        "chunk_size: (absent) -> 4096"
     ]
-    assert changed.incompatibilities(base.to_dict() | {"lr": 1e-3, "num_anchors": 64}) == []
     assert {"log_every", "save_every", "keep_last", "resume"} <= RUN_CONTROL_FIELDS
     assert "max_steps" not in RUN_CONTROL_FIELDS  # the cosine schedule depends on it
 
@@ -96,19 +103,17 @@ def test_warmup_then_cosine_to_the_floor() -> None:
 
 def test_mask_token_resolution() -> None:
     tokenizer = make_tiny_tokenizer()
-    config = TrainConfig()
     vocab = len(tokenizer)
     reserved_0 = tokenizer.convert_tokens_to_ids(TINY_MASK_TOKEN)
     # No spare embedding row: the first special token that is not eos/pad and not in the template.
-    assert resolve_mask_token_id(config, tokenizer, vocab) == reserved_0
-    assert resolve_mask_token_id(config, tokenizer, vocab, reserved_ids=[reserved_0]) == reserved_0 + 1
+    assert resolve_mask_token_id(tokenizer, vocab) == reserved_0
+    assert resolve_mask_token_id(tokenizer, vocab, reserved_ids=[reserved_0]) == reserved_0 + 1
     # A spare embedding row past the tokenizer (Qwen3: 151669) is preferred.
-    assert resolve_mask_token_id(config, tokenizer, vocab + 8) == vocab
-    named = config.updated({"mask_token": "<|reserved_2|>"})
-    assert resolve_mask_token_id(named, tokenizer, vocab) == reserved_0 + 2
-    assert resolve_mask_token_id(config.updated({"mask_token_id": 7}), tokenizer, vocab) == 7
+    assert resolve_mask_token_id(tokenizer, vocab + 8) == vocab
+    assert resolve_mask_token_id(tokenizer, vocab, mask_token="<|reserved_2|>") == reserved_0 + 2
+    assert resolve_mask_token_id(tokenizer, vocab, mask_token_id=7) == 7
     with pytest.raises(DraftConfigError, match="not a token"):
-        resolve_mask_token_id(config.updated({"mask_token": "<|nope|>"}), tokenizer, vocab)
+        resolve_mask_token_id(tokenizer, vocab, mask_token="<|nope|>")
 
 
 def test_mask_token_colliding_with_the_data_is_refused(tmp_path: Path) -> None:

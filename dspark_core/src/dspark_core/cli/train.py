@@ -1,7 +1,8 @@
 """``dspark train``: train a DSpark draft for a target (also ``python -m dspark_core.train``).
 
-Every :class:`~dspark_core.training.config.TrainConfig` field is a flag (``--batch-size 8``); a
-``--config`` file (YAML or TOML) gives the defaults and flags override it. Under ``torchrun`` each
+Every :class:`~dspark_core.training.config.TrainConfig` option is a flag (``--batch-size 8``), the
+nested ``draft`` and ``loss`` options included (``--block-size 7``); a ``--config`` file (YAML, TOML or
+JSON) gives the defaults and flags override it. Under ``torchrun`` each
 rank runs this command; ``--nproc-per-node N`` starts torchrun itself.
 """
 
@@ -12,10 +13,9 @@ import os
 import subprocess
 import sys
 import typing
-from dataclasses import fields
 from typing import Any
 
-from dspark_core.training.config import TrainConfig, field_help
+from dspark_core.training.config import TrainConfig, option_fields
 
 HELP = "train a DSpark draft for a target on a chat dataset (DDP/FSDP under torchrun)"
 
@@ -35,26 +35,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as JSON and exit"
     )
-    hints = typing.get_type_hints(TrainConfig)
-    group = parser.add_argument_group("training options (see TrainConfig)")
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag, *_ALIASES.get(f.name, ())]
-        hint = hints[f.name]
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": field_help(f.name)}
-        if hint is bool:
+    groups: dict[str | None, argparse._ArgumentGroup] = {
+        None: parser.add_argument_group("training options (see TrainConfig)"),
+        "draft": parser.add_argument_group("draft options ([draft] table of a config file)"),
+        "loss": parser.add_argument_group("objective options ([loss] table of a config file)"),
+    }
+    for option in option_fields():
+        names = [_flag(option.name), *(_flag(a) for a in option.aliases), *_ALIASES.get(option.name, ())]
+        kwargs: dict[str, Any] = {"dest": option.name, "default": argparse.SUPPRESS, "help": option.help}
+        if option.hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is list and typing.get_args(hint) == (str,):
+        elif typing.get_origin(option.hint) is list and typing.get_args(option.hint) == (str,):
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "PATH"
         else:
-            kwargs["metavar"] = f.name.upper()
-        group.add_argument(*names, **kwargs)
+            kwargs["metavar"] = option.name.upper()
+        groups[option.section].add_argument(*names, **kwargs)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The config from ``--config`` (if any) with every given flag applied over it."""
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    overrides = {o.name: getattr(args, o.name) for o in option_fields() if hasattr(args, o.name)}
     if args.config:
         return TrainConfig.from_file(args.config, overrides)
     return TrainConfig.from_mapping(overrides, source="flags")

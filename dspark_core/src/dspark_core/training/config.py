@@ -44,6 +44,7 @@ from dspark_core.options import (
 __all__ = [
     "LEGACY_ALIASES",
     "LIMITS",
+    "RESUME_ADJUSTABLE",
     "RUN_CONTROL_FIELDS",
     "ConfigError",
     "OptionField",
@@ -208,6 +209,13 @@ class TrainConfig:
         """The options (outside :data:`RUN_CONTROL_FIELDS`) whose values differ from ``other``'s,
         formatted ``name: other -> self``; a resumed run must have none. ``other`` may be the flat
         mapping an earlier version saved."""
+        return self._differences(other, skip=RUN_CONTROL_FIELDS | RESUME_ADJUSTABLE)
+
+    def adjustments(self, other: TrainConfig | Mapping[str, Any]) -> list[str]:
+        """The :data:`RESUME_ADJUSTABLE` options that differ from ``other``'s (allowed on resume, logged)."""
+        return [d for d in self._differences(other, skip=frozenset()) if d.split(":")[0] in RESUME_ADJUSTABLE]
+
+    def _differences(self, other: TrainConfig | Mapping[str, Any], *, skip: frozenset[str]) -> list[str]:
         mine = _leaves(self)
         if isinstance(other, TrainConfig):
             theirs = _leaves(other)
@@ -215,7 +223,7 @@ class TrainConfig:
             theirs = _effective(_apply({}, other, "saved config", strict=False))
         out: list[str] = []
         for name, value in mine.items():
-            if name in RUN_CONTROL_FIELDS:
+            if name in skip:
                 continue
             if name not in theirs:
                 out.append(f"{name}: (absent) -> {value!r}")
@@ -223,6 +231,10 @@ class TrainConfig:
                 out.append(f"{name}: {theirs[name]!r} -> {value!r}")
         return out
 
+
+#: Options a resumed run may change, with a logged note: the optimiser's step size and clipping, so that
+#: a run stopped by a NaN or a loss spike can continue from its last good checkpoint more gently.
+RESUME_ADJUSTABLE = frozenset({"lr", "min_lr", "max_grad_norm"})
 
 #: Options that may change between a run and its resumption: they steer logging, checkpointing,
 #: evaluation and the hardware, not what is learnt.

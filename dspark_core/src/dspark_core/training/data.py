@@ -795,3 +795,76 @@ def iter_batches(
             items: list[Any] = [dataset[i] for i in chunk]
             yield sampler.position_after((b + 1) * batch_size), collator(items)
         sampler.set_position(sampler.position.next_epoch())
+
+
+# -- moved from the trainer (the lead's temporary home until the data package lands) ------------------
+
+
+def dataset_fingerprint(rows: Sequence[Example] | Sequence[PackedRow]) -> str:
+    """A SHA-256 of every row's tokens and mask (and documents), to tell a changed dataset on resume."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(len(row.input_ids).to_bytes(8, "little"))
+        digest.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in row.input_ids))
+        digest.update(bytes(row.loss_mask))
+        if isinstance(row, PackedRow):
+            digest.update(b"".join(int(d).to_bytes(4, "little", signed=True) for d in row.document_ids))
+    return digest.hexdigest()
+
+
+def resolve_mask_token_id(
+    tokenizer: Any,
+    vocab_size: int,
+    reserved_ids: Sequence[int] = (),
+    *,
+    mask_token_id: int | None = None,
+    mask_token: str | None = None,
+) -> int:
+    """The draft's ``mask_token_id``: ``mask_token_id``, or ``mask_token`` looked up in the tokenizer, or
+    else the first embedding row past the tokenizer's vocabulary or, when there is none, the first
+    special token that is not bos/eos/pad/unk and does not occur in the chat template."""
+    from dspark_core.errors import DraftConfigError
+
+    if mask_token_id is not None:
+        return mask_token_id
+    if tokenizer is None:
+        raise DraftConfigError("without a tokenizer the mask token cannot be chosen: pass mask_token_id")
+    if mask_token is not None:
+        token_id = tokenizer.convert_tokens_to_ids(mask_token)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id or token_id < 0:
+            raise DraftConfigError(f"mask_token {mask_token!r} is not a token of the target's tokenizer")
+        return token_id
+    if vocab_size > len(tokenizer):
+        return len(tokenizer)
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    excluded = set(reserved_ids) | {i for i in specials if i is not None}
+    for token_id, added in sorted(tokenizer.added_tokens_decoder.items()):
+        if added.special and token_id not in excluded and added.content not in template and token_id < vocab_size:
+            return int(token_id)
+    raise DraftConfigError(
+        "cannot choose a mask token automatically: the embedding has no row past the tokenizer and no "
+        "unused special token was found; pass mask_token_id (an id the data never uses) or mask_token"
+    )
+
+
+def prompt_turns(messages: Sequence[Any]) -> list[dict[str, str]]:
+    """The turns of a chat row before its first assistant turn, as template dicts."""
+    out = []
+    for message in messages:
+        if message.role == "assistant":
+            break
+        out.append(message.as_dict())
+    return out
+
+
+def encode_prompt(
+    tokenizer: Any, conversation: Sequence[dict[str, str]], *, chat_template_kwargs: Mapping[str, Any] | None = None
+) -> list[int]:
+    """A conversation's prompt ids, with the generation prompt, as the target's chat template renders it."""
+    ids: Any = tokenizer.apply_chat_template(
+        list(conversation), tokenize=True, add_generation_prompt=True, return_dict=False, **(chat_template_kwargs or {})
+    )
+    return [int(t) for t in ids]

@@ -8,8 +8,18 @@ method's recipe on a small scale. The training and evaluation prompts do not ove
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["DEMO_DATA_NAME", "demo_prompts"]
+if TYPE_CHECKING:
+    from dspark_core.training.config import TrainConfig
+
+__all__ = ["DEMO_DATA_NAME", "demo_prompts", "write_demo_data"]
+
+#: Generation settings of the built-in demo data (greedy, so the data is the target's mode).
+DEMO_MAX_NEW_TOKENS = 48
+DEMO_BATCH_SIZE = 16
 
 #: The value of ``data`` / ``eval_data`` that selects the built-in prompts.
 DEMO_DATA_NAME = "demo"
@@ -51,3 +61,26 @@ def demo_prompts(split: str = "train") -> list[str]:
     held_out = set(range(3, len(prompts), 7))
     chosen = [p for i, p in enumerate(prompts) if (i in held_out) == (split == "eval")]
     return chosen
+
+
+def write_demo_data(
+    target: Any, tokenizer: Any, path: Path, config: TrainConfig, log: Callable[[str], None]
+) -> None:
+    """Have ``target`` answer the built-in training prompts into ``path`` (resumable: done rows stay)."""
+    from dspark_core.training.data import DatasetError
+    from dspark_core.training.regenerate import SamplingConfig, chat_rows_from_prompts, regenerate
+
+    if tokenizer is None:
+        raise DatasetError("data 'demo' needs the target's tokenizer and chat template")
+    stats = regenerate(
+        target,
+        tokenizer,
+        chat_rows_from_prompts(demo_prompts("train")),
+        path,
+        sampling=SamplingConfig(max_new_tokens=DEMO_MAX_NEW_TOKENS, temperature=0.0, seed=config.seed),
+        batch_size=DEMO_BATCH_SIZE,
+        chat_template_kwargs=config.chat_template_kwargs,
+        progress=config.progress,
+    )
+    if stats.rows_written:
+        log(f"demo data: the target answered {stats.rows_written} built-in prompts into {path}")

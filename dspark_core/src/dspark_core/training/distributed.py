@@ -11,10 +11,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,6 +27,8 @@ __all__ = [
     "fsdp_available",
     "rank_seed",
 ]
+
+T = TypeVar("T")
 
 
 def rank_seed(seed: int, rank: int, stream: str) -> int:
@@ -126,6 +128,22 @@ class DistributedContext:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def on_main(self, work: Callable[[], T]) -> T:
+        """Run ``work()`` on rank 0 and hand its result, or its error, to every rank."""
+        if not self.distributed:
+            return work()
+        outcome: tuple[str, Any] = ("ok", None)
+        if self.is_main:
+            try:
+                outcome = ("ok", work())
+            except Exception as exc:
+                outcome = ("error", f"{type(exc).__name__}: {exc}")
+        outcome = self.broadcast_object(outcome)
+        if outcome[0] == "error":
+            raise DSparkError(f"rank 0 failed: {outcome[1]}")
+        result: T = outcome[1]
+        return result
 
     def shutdown(self) -> None:
         """Leave the process group if this context joined it."""

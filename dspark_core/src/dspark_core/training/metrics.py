@@ -103,6 +103,22 @@ class WindowMetrics:
     def end_step(self) -> None:
         self.steps += 1
 
+    def state(self) -> dict[str, Any]:
+        """The open window's sums, for a checkpoint: a resumed run then logs the lines of an
+        uninterrupted one, whatever ``log_every`` is."""
+        return {
+            "steps": self.steps,
+            "terms": self.terms.cpu(),
+            "diagnostics": {k: v.cpu() for k, v in self.diagnostics.items()},
+            "tokens": self.tokens.cpu(),
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.terms = state["terms"].to(self.device)
+        self.diagnostics = {k: v.to(self.device) for k, v in state["diagnostics"].items()}
+        self.tokens = state["tokens"].to(self.device)
+
     def summary(self, context: DistributedContext) -> dict[str, float]:
         """The window's metrics, reduced across ranks (a collective: every rank must call it)."""
         import torch
@@ -161,7 +177,12 @@ class MetricsLog:
                 continue
             if isinstance(record, dict) and int(record.get("step", 0)) <= step:
                 kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        from dspark_core.training import faults
+        from dspark_core.training.checkpoint import atomic_write_text
+
+        faults.point("metrics-rewrite")
+        # Atomic: a kill during the rewrite keeps the old file, never a shortened one.
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one line (rank 0 only) and flush it."""

@@ -1,0 +1,39 @@
+"""Checks on local model directories and their ``config.json``, shared by every command (torch-free).
+
+Nothing is downloaded: a path that is not a directory is "no such directory", never a Hub repo id.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dspark_core.errors import DraftConfigError, DSparkError
+
+__all__ = ["ModelDirectoryError", "architectures_of", "require_model_dir"]
+
+
+class ModelDirectoryError(DSparkError, FileNotFoundError):
+    """A model directory is missing or lacks its ``config.json``."""
+
+
+def require_model_dir(path: str | Path, what: str) -> Path:
+    """``path`` as a directory holding ``config.json``; ``what`` names it in the error (``--target``)."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelDirectoryError(f"{what} {path}: no such directory (a local model directory is required)")
+    if not (folder / "config.json").is_file():
+        raise ModelDirectoryError(f"{what} {path}: no config.json in the directory; is it a saved model?")
+    return folder
+
+
+def architectures_of(config: Any, source: str | Path) -> list[str]:
+    """``config.architectures`` as a list; a bare string is refused, as the registry refuses it."""
+    value = getattr(config, "architectures", None)
+    if isinstance(value, str):
+        raise DraftConfigError(
+            f"{source}: `architectures` is the string {value!r}; write a list, "
+            f"\"architectures\": [{json.dumps(value)}]"
+        )
+    return [str(a) for a in (value or [])]

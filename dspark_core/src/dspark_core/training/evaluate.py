@@ -1,0 +1,89 @@
+"""Periodic evaluation: decode held-out prompts with the real speculative loop (``eval_*`` metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from dspark_core.training.config import TrainConfig
+from dspark_core.training.data import DatasetError, encode_prompt, prompt_turns, read_jsonl
+from dspark_core.training.demo import DEMO_DATA_NAME, demo_prompts
+from dspark_core.training.distributed import DistributedContext, rank_seed
+
+__all__ = ["Evaluator", "load_eval_prompts"]
+
+
+def load_eval_prompts(config: TrainConfig, tokenizer: Any) -> list[list[int]]:
+    """The token ids of up to ``eval_prompts`` held-out prompts (``[]`` without ``eval_every``)."""
+    if not config.eval_every:
+        return []
+    if tokenizer is None:
+        raise DatasetError("evaluation needs the target's tokenizer and chat template")
+    conversations: list[list[dict[str, str]]] = []
+    if config.eval_data == DEMO_DATA_NAME:
+        conversations = [[{"role": "user", "content": p}] for p in demo_prompts("eval")]
+    elif config.eval_data is not None:
+        for row in read_jsonl(config.eval_data):
+            messages = getattr(row, "messages", None)
+            if messages is None:
+                raise DatasetError(f"{row.origin}: evaluation prompts must be chat rows")
+            prompt = prompt_turns(messages)
+            if any(m["role"] == "user" for m in prompt):
+                conversations.append(prompt)
+            if len(conversations) == config.eval_prompts:
+                break
+    prompts = [
+        encode_prompt(tokenizer, conversation, chat_template_kwargs=config.chat_template_kwargs)
+        for conversation in conversations[: config.eval_prompts]
+    ]
+    if not prompts:
+        raise DatasetError(f"no evaluation prompt (a chat row with a user turn) in {config.eval_data}")
+    return prompts
+
+
+class Evaluator:
+    """Decodes ``prompts`` with the draft being trained; a collective (every rank calls :meth:`run`).
+
+    With DDP the prompts are split over ranks; with FSDP every rank decodes them all (a sharded
+    forward needs every rank).
+    """
+
+    def __init__(self, config: TrainConfig, prompts: list[list[int]], ctx: DistributedContext, *, fsdp: bool):
+        self.config = config
+        self.prompts = prompts
+        self.ctx = ctx
+        self.fsdp = fsdp
+
+    def run(self, target: nn.Module, draft: Any) -> dict[str, Any]:
+        from dspark_core.decoding import combine_metrics, speculative_generate
+
+        prompts = self.prompts if self.fsdp else self.prompts[self.ctx.rank :: self.ctx.world_size]
+        draft.eval()
+        if self.fsdp:
+            # Decoding calls the layers directly, so the root's own parameters must be gathered first.
+            draft.unshard()
+        results = []
+        try:
+            with torch.no_grad():
+                for i, prompt in enumerate(prompts):
+                    result = speculative_generate(
+                        target,
+                        draft,
+                        torch.tensor([prompt], device=self.ctx.device),
+                        max_new_tokens=self.config.eval_max_new_tokens,
+                        temperature=self.config.eval_temperature,
+                        seed=rank_seed(self.config.seed, i, "eval"),
+                    )
+                    results.append(result.metrics)
+        finally:
+            if self.fsdp:
+                draft.reshard()
+            draft.train()
+        gathered = results if self.fsdp else [m for part in self.ctx.all_gather_objects(results) for m in part]
+        combined = combine_metrics(gathered)
+        out: dict[str, Any] = {"eval_tau": combined.tau, "eval_tokens_per_s": combined.tokens_per_s}
+        for i, rate in enumerate(combined.accept_rates()):
+            out[f"eval_accept_rate@{i}"] = rate
+        return out
