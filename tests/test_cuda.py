@@ -15,8 +15,8 @@ import torch
 from qwen3_draft_helpers import DraftBatch, make_draft, random_batch
 from torch import Tensor
 
-from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.modeling.blocks import sample_anchors
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
 pytestmark = [
@@ -64,7 +64,9 @@ def training_step(
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
     optimizer.step()
     with torch.no_grad():
-        after = DSparkObjective()(model, model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs)).loss
+        after = DSparkObjective()(
+            model, model(*batch.args(), anchors=anchors, keep=keep, document_ids=docs)
+        ).loss
     torch.cuda.synchronize()
     return {
         "loss": float(out.loss.detach()),

@@ -18,10 +18,10 @@ from qwen3_draft_helpers import make_draft, random_batch, randomize_
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3ForCausalLM
 
-from dspark_core.modeling.loss import DSparkLossConfig, DSparkObjective
 from dspark_core import resolve_dspark_draft_spec
 from dspark_core.modeling.blocks import sample_anchors
 from dspark_core.modeling.features import capture_target_features
+from dspark_core.modeling.loss import DSparkLossConfig, DSparkObjective
 from dspark_qwen3.modeling import Qwen3DSparkModel
 from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target, tiny_corpus
 

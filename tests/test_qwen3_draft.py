@@ -30,11 +30,11 @@ from qwen3_draft_helpers import (
 from safetensors import safe_open
 from transformers import LlamaConfig, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
-from dspark_core.modeling.loss import DSparkObjective
 from dspark_core import resolve_dspark_draft_spec
 from dspark_core.errors import DraftConfigError
 from dspark_core.layer_ids import build_target_layer_ids
 from dspark_core.modeling.draft_config import TargetLayerWarning
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_qwen3.config import build_draft_config
 from dspark_qwen3.modeling import Qwen3DSparkModel
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.modeling.features import capture_target_features
+from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.training.checkpoint import CheckpointManager
 from dspark_core.training.config import ConfigError, TrainConfig
 from dspark_core.training.data import Collator, DatasetError, Example, pack_examples

@@ -79,13 +79,15 @@ def test_incompatibilities_list_learning_fields_only() -> None:
     # lr may change on resume (a run stopped by a NaN continues more gently), with a logged note.
     assert changed.adjustments(base) == [f"lr: {base.lr!r} -> 0.001"]
     saved = base.to_dict()
-    assert changed.incompatibilities(saved | {"lr": 1e-3, "draft": saved["draft"] | {"num_anchors": 64}}) == []
+    assert (
+        changed.incompatibilities(saved | {"lr": 1e-3, "draft": saved["draft"] | {"num_anchors": 64}}) == []
+    )
     # A flat config saved by an earlier version compares equal to its nested form.
     flat = {k: v for k, v in base.to_dict().items() if k not in ("draft", "loss")}
     flat |= base.to_dict()["draft"] | {"loss_decay_gamma": 4.0, "confidence_head": True}
-    assert base.incompatibilities(flat | {k: v for k, v in base.to_dict()["loss"].items() if "weight" in k}) == [
-        "chunk_size: (absent) -> 4096"
-    ]
+    assert base.incompatibilities(
+        flat | {k: v for k, v in base.to_dict()["loss"].items() if "weight" in k}
+    ) == ["chunk_size: (absent) -> 4096"]
     assert {"log_every", "save_every", "keep_last", "resume"} <= RUN_CONTROL_FIELDS
     assert "max_steps" not in RUN_CONTROL_FIELDS  # the cosine schedule depends on it
 

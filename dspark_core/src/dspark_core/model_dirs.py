@@ -34,6 +34,6 @@ def architectures_of(config: Any, source: str | Path) -> list[str]:
     if isinstance(value, str):
         raise DraftConfigError(
             f"{source}: `architectures` is the string {value!r}; write a list, "
-            f"\"architectures\": [{json.dumps(value)}]"
+            f'"architectures": [{json.dumps(value)}]'
         )
     return [str(a) for a in (value or [])]

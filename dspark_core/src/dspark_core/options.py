@@ -115,7 +115,8 @@ def confidence_schedule_names() -> tuple[str, ...]:
     """The registered confidence schedules (``decoding/schedule.py``), for choices and help."""
     from dspark_core.decoding.schedule import schedule_names
 
-    return schedule_names()
+    names: tuple[str, ...] = tuple(schedule_names())
+    return names
 
 
 def canonical_precision(

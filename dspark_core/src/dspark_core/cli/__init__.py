@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("generate", (), "dspark_core.cli.generate"),
     ("train", (), "dspark_core.cli.train"),
     ("regenerate", (), "dspark_core.cli.regenerate"),
+    ("verify", (), "dspark_core.cli.verify"),
     ("plot", (), "dspark_core.cli.plot"),
     ("make-tiny-target", (), "dspark_core.cli.make_tiny_target"),
 ]
@@ -68,9 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dspark: interrupted", file=sys.stderr)
         return 130
-    except (DSparkError, ValueError, TypeError, OSError, ImportError) as exc:
+    except Exception as exc:
         if args.verbose:
             traceback.print_exc()
-        message = " ".join(str(exc).split())
-        print(f"dspark {args.command}: error: {message}", file=sys.stderr)
+        print(f"dspark {args.command}: {describe_error(exc)}", file=sys.stderr)
         return 1
+
+
+#: Errors whose message names what is wrong: dspark's own, and the ones Python and the libraries
+#: raise for bad input (a missing file, a bad value). Anything else is a bug in dspark.
+_USER_ERRORS = (DSparkError, ValueError, TypeError, OSError, ImportError, EOFError)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for ``exc``: the message for a user error, or an invitation to report an internal one."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, _USER_ERRORS):
+        return f"error: {message}"
+    return (
+        f"internal error: {type(exc).__name__}: {message}. This is a bug in dspark: please report it with "
+        "the output of the same command run with --verbose"
+    )

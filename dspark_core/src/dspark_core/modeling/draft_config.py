@@ -15,7 +15,8 @@ from typing import Any
 
 from dspark_core.errors import DraftConfigError
 from dspark_core.layer_ids import build_target_layer_ids
-from dspark_core.options import MARKOV_HEAD_TYPES, DSparkDraftOptions
+from dspark_core.options import MARKOV_HEAD_TYPES
+from dspark_core.options import DSparkDraftOptions as DSparkDraftOptions  # re-exported
 from dspark_core.validation import require_int
 
 

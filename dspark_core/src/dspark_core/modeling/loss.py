@@ -200,7 +200,9 @@ def dspark_objective(
         l1=l1_value,
         confidence=conf_value,
         diagnostics=_diagnostics(parts, block_size, with_confidence=confidence_logits is not None),
-        total=config.ce_weight * ce_value + config.l1_weight * l1_value + config.confidence_weight * conf_value,
+        total=(
+            config.ce_weight * ce_value + config.l1_weight * l1_value + config.confidence_weight * conf_value
+        ),
     )
 
 

@@ -34,7 +34,6 @@ __all__ = [
 ]
 
 
-
 def _require_positive(field: str, value: int, hint: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise DraftConfigError(f"{field} must be a positive integer, got {value!r}. {hint}")

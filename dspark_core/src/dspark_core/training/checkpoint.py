@@ -203,7 +203,9 @@ def _file_problems(root: Path, files: Mapping[str, Any]) -> list[str]:
         if not path.is_file():
             problems.append(f"{relative} is missing")
         elif path.stat().st_size != expected.get("size"):
-            problems.append(f"{relative} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}")
+            problems.append(
+                f"{relative} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}"
+            )
         elif _sha256(path) != expected.get("sha256"):
             problems.append(f"{relative} does not match its SHA-256 in the manifest (corrupted)")
     return problems
@@ -410,7 +412,7 @@ class Checkpointer:
         manifest: dict[str, Any],
         export: Callable[[Path], None],
     ) -> CheckpointInfo:
-        """Write the checkpoint of ``step``: ``state`` and ``export(dir)`` on rank 0, ``rank_state`` per rank."""
+        """Write ``step``'s checkpoint: ``state`` and ``export(dir)`` on rank 0, ``rank_state`` per rank."""
         import torch
 
         tmp = self.manager.temporary_path(step)
@@ -482,7 +484,9 @@ class Checkpointer:
             write_export_manifest(destination, info.step)
             problems = verify_export(destination)
             if problems:
-                raise CheckpointError(f"the exported draft {destination} does not verify: {'; '.join(problems)}")
+                raise CheckpointError(
+                    f"the exported draft {destination} does not verify: {'; '.join(problems)}"
+                )
 
         self.ctx.on_main(copy)
         return destination

@@ -151,7 +151,8 @@ class TrainConfig:
     )
     attn_implementation: str = _f(
         "auto",
-        "draft attention: auto (flex_attention on CUDA, sdpa on CPU), " + ", ".join(ATTENTION_IMPLEMENTATIONS),
+        "draft attention: auto (flex_attention on CUDA, sdpa on CPU), "
+        + ", ".join(ATTENTION_IMPLEMENTATIONS),
     )
     parallelism: str = _f("ddp", "with several ranks: ddp, or fsdp (FSDP2 fully_shard)")
 
@@ -370,7 +371,7 @@ def _build(leaves: dict[str, Any]) -> TrainConfig:
     for option in option_fields():
         by_section.setdefault(option.section, {})[option.name] = leaves[option.name]
     top = by_section.pop(None)
-    nested = {name: SECTIONS[name](**values) for name, values in by_section.items()}
+    nested = {str(name): SECTIONS[str(name)](**values) for name, values in by_section.items()}
     return TrainConfig(**top, **nested)
 
 

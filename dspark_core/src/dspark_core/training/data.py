@@ -839,10 +839,20 @@ def resolve_mask_token_id(
     if vocab_size > len(tokenizer):
         return len(tokenizer)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
-    specials = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id)
+    specials = (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.unk_token_id,
+    )
     excluded = set(reserved_ids) | {i for i in specials if i is not None}
     for token_id, added in sorted(tokenizer.added_tokens_decoder.items()):
-        if added.special and token_id not in excluded and added.content not in template and token_id < vocab_size:
+        if (
+            added.special
+            and token_id not in excluded
+            and added.content not in template
+            and token_id < vocab_size
+        ):
             return int(token_id)
     raise DraftConfigError(
         "cannot choose a mask token automatically: the embedding has no row past the tokenizer and no "
@@ -861,10 +871,17 @@ def prompt_turns(messages: Sequence[Any]) -> list[dict[str, str]]:
 
 
 def encode_prompt(
-    tokenizer: Any, conversation: Sequence[dict[str, str]], *, chat_template_kwargs: Mapping[str, Any] | None = None
+    tokenizer: Any,
+    conversation: Sequence[dict[str, str]],
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """A conversation's prompt ids, with the generation prompt, as the target's chat template renders it."""
     ids: Any = tokenizer.apply_chat_template(
-        list(conversation), tokenize=True, add_generation_prompt=True, return_dict=False, **(chat_template_kwargs or {})
+        list(conversation),
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+        **(chat_template_kwargs or {}),
     )
     return [int(t) for t in ids]

@@ -81,7 +81,9 @@ class Evaluator:
             if self.fsdp:
                 draft.reshard()
             draft.train()
-        gathered = results if self.fsdp else [m for part in self.ctx.all_gather_objects(results) for m in part]
+        gathered = (
+            results if self.fsdp else [m for part in self.ctx.all_gather_objects(results) for m in part]
+        )
         combined = combine_metrics(gathered)
         out: dict[str, Any] = {"eval_tau": combined.tau, "eval_tokens_per_s": combined.tokens_per_s}
         for i, rate in enumerate(combined.accept_rates()):

@@ -45,9 +45,9 @@ class LossGuard:
             median = statistics.median(self.history)
             if loss > self.spike_factor * median:
                 raise LossSpikeError(
-                    f"the loss exploded at step {step}: {loss:.6g} is over {self.spike_factor:g}x its running "
-                    f"median {median:.6g} ({detail}); training stopped: {kept}. Raise loss_spike_factor "
-                    "(0 disables the check) if this is expected"
+                    f"the loss exploded at step {step}: {loss:.6g} is over {self.spike_factor:g}x its "
+                    f"running median {median:.6g} ({detail}); training stopped: {kept}. Raise "
+                    "loss_spike_factor (0 disables the check) if this is expected"
                 )
         self.history.append(loss)
 

@@ -63,7 +63,7 @@ def apply_learning_rate(scheduler: torch.optim.lr_scheduler.LambdaLR, config: Tr
         scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
     ):
         group["lr"] = base * schedule(step)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # type: ignore[attr-defined]
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -93,7 +93,8 @@ class RunDirectory:
         differences = config.incompatibilities(saved if isinstance(saved, dict) else {})
         if differences:
             raise ConfigError(
-                f"cannot resume the run in {self.path}: its config differs in " + "; ".join(differences)
+                f"cannot resume the run in {self.path}: its config differs in "
+                + "; ".join(differences)
                 + ". Resume with the run's values, or pass --overwrite to start a new run"
             )
 

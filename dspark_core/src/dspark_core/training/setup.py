@@ -10,6 +10,7 @@ Nothing here is specific to a model family: the draft class comes from
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,7 @@ def load_training_data(
             paths.append(item)
             continue
         demo_path = run_dir / "data" / "demo-train.jsonl"
-        ctx.on_main(lambda path=demo_path: write_demo_data(parts.target, parts.tokenizer, path, config, log))
+        ctx.on_main(functools.partial(write_demo_data, parts.target, parts.tokenizer, demo_path, config, log))
         paths.append(str(demo_path))
     dataset = TokenizedDataset.from_jsonl(
         paths,

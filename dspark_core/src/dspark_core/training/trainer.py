@@ -31,7 +31,7 @@ from torch import nn
 
 from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.options import resolve_attention, resolve_dtype
-from dspark_core.training.checkpoint import CheckpointInfo, Checkpointer
+from dspark_core.training.checkpoint import Checkpointer, CheckpointInfo
 from dspark_core.training.config import ConfigError, TrainConfig
 from dspark_core.training.data import DataPosition, DatasetError, iter_batches
 from dspark_core.training.demo import DEMO_DATA_NAME
@@ -184,7 +184,9 @@ class Trainer:
         checkpoint = self.last_checkpoint.path if self.last_checkpoint else None
         return TrainResult(self.run_dir, self.step, checkpoint, export_dir, last_metrics)
 
-    def train_step(self, batches: Iterator[tuple[DataPosition, dict[str, torch.Tensor]]]) -> tuple[float, float]:
+    def train_step(
+        self, batches: Iterator[tuple[DataPosition, dict[str, torch.Tensor]]]
+    ) -> tuple[float, float]:
         """One optimizer step over ``grad_accum`` micro-batches; returns (lr used, gradient norm)."""
         grad_accum = self.config.grad_accum
         self.optimizer.zero_grad(set_to_none=True)
@@ -251,7 +253,9 @@ class Trainer:
             self.window.reset()
             if self._bar is not None:
                 # A teacher-forced proxy on training rows, not decoding on held-out prompts.
-                self._bar.set_postfix(loss=f"{summary['loss']:.4f}", tau_proxy=f"{summary.get('tau', 0.0):.3f}")
+                self._bar.set_postfix(
+                    loss=f"{summary['loss']:.4f}", tau_proxy=f"{summary.get('tau', 0.0):.3f}"
+                )
         if config.eval_every and self.step % config.eval_every == 0:
             record = {"step": self.step, **record, **self.evaluator.run(self.target, self.draft)}
         return record
@@ -328,7 +332,9 @@ class Trainer:
         saved_config = manifest.get("config", {})
         differences = self.config.incompatibilities(saved_config)
         if differences:
-            raise ConfigError(f"cannot resume from {info.path}: the config differs in " + "; ".join(differences))
+            raise ConfigError(
+                f"cannot resume from {info.path}: the config differs in " + "; ".join(differences)
+            )
         if manifest.get("dataset_fingerprint") != self.data.fingerprint:
             raise DatasetError(
                 f"cannot resume from {info.path}: the training data changed since it was saved "
