@@ -170,7 +170,7 @@ class Trainer:
             while self.step < end:
                 lr, grad_norm = self.train_step(batches)
                 paused = time.perf_counter()
-                record = self._log_record(end, lr, grad_norm, time.perf_counter() - started)
+                record = self._log_record(lr, grad_norm, time.perf_counter() - started)
                 if record:
                     self.metrics_log.write(record)
                     last_metrics = record
@@ -241,11 +241,12 @@ class Trainer:
         terms = torch.stack([objective.total, objective.ce, objective.l1, objective.confidence])
         return terms.detach().float(), objective.diagnostics, batch["attention_mask"].sum()
 
-    def _log_record(self, end: int, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
+    def _log_record(self, lr: float, grad_norm: float, elapsed: float) -> dict[str, Any]:
         """The metrics line of this step ({} when it logs nothing), evaluation included."""
         config = self.config
         record: dict[str, Any] = {}
-        if self.step % config.log_every == 0 or self.step == end:
+        # Not at a stop_at step: a stopped and resumed run must log the lines of an uninterrupted one.
+        if self.step % config.log_every == 0 or self.step == config.max_steps:
             summary = self.window.summary(self.ctx)
             record = {"step": self.step, "epoch": self.position.epoch, **summary, "lr": lr}
             record["grad_norm"] = grad_norm
