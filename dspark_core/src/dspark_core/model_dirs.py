@@ -11,7 +11,7 @@ from typing import Any
 
 from dspark_core.errors import DraftConfigError, DSparkError
 
-__all__ = ["ModelDirectoryError", "architectures_of", "require_model_dir"]
+__all__ = ["ModelDirectoryError", "architectures_of", "check_fits_positions", "require_model_dir"]
 
 
 class ModelDirectoryError(DSparkError, FileNotFoundError):
@@ -37,3 +37,15 @@ def architectures_of(config: Any, source: str | Path) -> list[str]:
             f'"architectures": [{json.dumps(value)}]'
         )
     return [str(a) for a in (value or [])]
+
+
+def check_fits_positions(prompt_tokens: int, max_new_tokens: int, config: Any, source: str) -> None:
+    """Refuse a prompt that, with ``max_new_tokens``, runs past the target's ``max_position_embeddings``."""
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
+        raise DraftConfigError(
+            f"{source}: a prompt of {prompt_tokens} tokens plus max_new_tokens {max_new_tokens} exceeds the "
+            f"target's max_position_embeddings {limit}; shorten the prompt or lower --max-new-tokens"
+        )

@@ -203,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
 
     from dspark_core.decoding import ConfidenceSchedule, combine_metrics, plain_generate, speculative_generate
     from dspark_core.decoding.speculative import check_draft_fits_target
+    from dspark_core.errors import DSparkError
+    from dspark_core.model_dirs import architectures_of, check_fits_positions, require_model_dir
     from dspark_core.modeling.draft import DSparkDraftModel
     from dspark_core.registry import resolve_dspark_draft_spec
 
@@ -217,15 +219,25 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
 
-    target: Any = AutoModelForCausalLM.from_pretrained(args.target, dtype=dtype)
+    target_dir = require_model_dir(args.target, "--target")
+    draft_dir = require_model_dir(args.draft, "--draft")
+    target: Any = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     target = target.to(device).eval()
-    architectures = list(getattr(target.config, "architectures", None) or [type(target).__name__])
+    architectures = architectures_of(target.config, target_dir / "config.json") or [type(target).__name__]
     draft_cls: Any = resolve_dspark_draft_spec(architectures).draft_cls
     load_kwargs: dict[str, Any] = {"dtype": dtype}
     if isinstance(draft_cls, type) and issubclass(draft_cls, DSparkDraftModel):
         # Attaches the target's embeddings and lm_head when the checkpoint omits them.
         load_kwargs["target"] = target
-    draft = draft_cls.from_pretrained(args.draft, **load_kwargs).to(device).eval()
+    try:
+        draft = draft_cls.from_pretrained(draft_dir, **load_kwargs).to(device).eval()
+    except (DSparkError, OSError, ValueError):
+        raise
+    except Exception as exc:  # e.g. SafetensorError on a truncated file
+        raise DSparkError(
+            f"--draft {draft_dir}: cannot load its weights ({type(exc).__name__}: {exc}); the files are "
+            "truncated or corrupt: export the draft again (dspark verify RUN checks a run's export)"
+        ) from exc
     check_draft_fits_target(draft, target)
     tokenizer = AutoTokenizer.from_pretrained(args.target) if _has_tokenizer(args.target) else None
     use_template = not args.no_chat_template
@@ -233,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
     for prompt, ids in zip(prompts, encoded, strict=True):
         if ids.shape[1] == 0:
             raise ValueError(f"{prompt.source}: the prompt is empty")
+        check_fits_positions(ids.shape[1], args.max_new_tokens, target.config, prompt.source)
 
     sampling: dict[str, Any] = {
         "temperature": args.temperature,

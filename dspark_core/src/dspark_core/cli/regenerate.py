@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dspark_core.model_dirs import require_model_dir
     from dspark_core.training.regenerate import SamplingConfig, regenerate
 
     device = args.device
@@ -60,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
     template_kwargs = json.loads(args.chat_template_kwargs) if args.chat_template_kwargs else {}
     if not isinstance(template_kwargs, dict):
         raise ValueError("--chat-template-kwargs must be a JSON object")
-    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    target_dir = require_model_dir(args.target, "--target")
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = AutoModelForCausalLM.from_pretrained(
-        args.target, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
+        target_dir, dtype=torch.bfloat16 if dtype == "bf16" else torch.float32
     ).to(device)
     sampling = SamplingConfig(
         max_new_tokens=args.max_new_tokens,

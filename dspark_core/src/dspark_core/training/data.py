@@ -267,11 +267,17 @@ def read_jsonl(path: str | Path) -> Iterator[ChatRow | TokenRow]:
     file = Path(path)
     if not file.is_file():
         raise DatasetError(f"training data file not found: {file}")
-    with file.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            origin = Origin(str(file), line_no)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DatasetError(
+                    f"{origin}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            origin = Origin(str(file), line_no)
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dspark_core.model_dirs import check_fits_positions
 from dspark_core.modeling.sampling import check_sampling_options
 from dspark_core.training.data import ChatRow, DatasetError, Message, TokenRow, read_jsonl
 from dspark_core.training.distributed import rank_seed
@@ -115,6 +116,7 @@ def generate_responses(
         )
         if isinstance(ids, Mapping):
             ids = ids["input_ids"]
+        check_fits_positions(len(ids), sampling.max_new_tokens, target.config, "regenerate")
         prompts.append([int(t) for t in ids])
     device = next(target.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
