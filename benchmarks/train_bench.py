@@ -83,14 +83,16 @@ class BareLoop:
     def __init__(self, trainer: Any, online: bool) -> None:
         import torch
 
+        from dspark_core.modeling.loss import DSparkObjective
         from dspark_core.training.trainer import batch_target_features
 
+        self.objective = DSparkObjective()
         self.online = online
         self.trainer = trainer
         self.draft = trainer.draft
         self.optimizer = torch.optim.AdamW([p for p in self.draft.parameters() if p.requires_grad], lr=1e-4)
         self.generator = torch.Generator().manual_seed(0)
-        self.batches = [trainer.collator([row]) for row in trainer.rows]
+        self.batches = [trainer.data.collator([row]) for row in trainer.data.rows]
         self.features = [batch_target_features(trainer.target, b, trainer.layer_ids) for b in self.batches]
         self.index = 0
 
@@ -109,14 +111,14 @@ class BareLoop:
                 if self.online
                 else self.features[i]
             )
-            out = self.draft(
+            output = self.draft(
                 batch["input_ids"],
                 features.features,
                 features.final_hidden,
                 batch["loss_mask"],
                 generator=self.generator,
             )
-            out.loss.backward()
+            self.objective(self.draft, output).loss.backward()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             tokens += int(batch["attention_mask"].sum())
@@ -187,8 +189,7 @@ def _copy_trainer_draft(trainer: Any) -> Any:
     return SimpleNamespace(
         draft=copy.deepcopy(trainer.draft),
         target=trainer.target,
-        rows=trainer.rows,
-        collator=trainer.collator,
+        data=trainer.data,
         layer_ids=trainer.layer_ids,
     )
 
