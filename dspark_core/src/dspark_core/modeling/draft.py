@@ -318,7 +318,7 @@ class DSparkDraftModel(PreTrainedModel):
         self._check_forward_inputs(input_ids, target_features, target_final_hidden, loss_mask, document_ids)
         config = self.config
         block_size = int(config.block_size)
-        batch, seq_len = input_ids.shape
+        seq_len = input_ids.shape[1]
         if anchors is None:
             anchors, keep = blocks.sample_anchors(
                 loss_mask, int(config.num_anchors), document_ids=document_ids, generator=generator
@@ -326,27 +326,7 @@ class DSparkDraftModel(PreTrainedModel):
         elif keep is None:
             keep = torch.ones_like(anchors, dtype=torch.bool)
         assert keep is not None
-        num_anchors = anchors.shape[1]
-
-        context = self.encode_context(target_features)
-        context_positions = blocks.context_position_ids(
-            seq_len, document_ids=document_ids, batch_size=batch
-        ).to(input_ids.device)
-        block_ids = blocks.block_input_ids(input_ids, anchors, keep, block_size, int(config.mask_token_id))
-        block_positions = blocks.block_position_ids(anchors, block_size, context_positions)
-        hidden = self.embed_tokens(block_ids).reshape(batch, num_anchors * block_size, -1)
-        hidden = hidden.to(context.dtype)
-
-        if self.attention_implementation == "flex_attention":
-            mask: Any = masks.flex_block_mask(anchors, keep, seq_len, block_size, document_ids)
-        else:
-            mask = masks.dense_block_mask(
-                anchors, keep, seq_len, block_size, document_ids, dtype=hidden.dtype
-            )
-        hidden = self.run_layers(
-            hidden, context, block_positions.reshape(batch, -1), context_positions, mask, cache=None
-        )
-        hidden = hidden.reshape(batch, num_anchors, block_size, -1)
+        hidden = self._block_backbone(input_ids, target_features, anchors, keep, document_ids)
 
         previous = blocks.block_previous_tokens(input_ids, anchors, block_size)
         latent = self.markov_head.latent_block(hidden, previous) if self.markov_head is not None else None
@@ -369,6 +349,39 @@ class DSparkDraftModel(PreTrainedModel):
             keep=keep,
             logits=logits,
         )
+
+    def _block_backbone(
+        self,
+        input_ids: Tensor,
+        target_features: Tensor,
+        anchors: Tensor,
+        keep: Tensor,
+        document_ids: Tensor | None,
+    ) -> Tensor:
+        """Every block ``[x_a, MASK, ...]`` through the layers at once: final states ``[b, N, B, H]``."""
+        block_size = int(self.config.block_size)
+        batch, seq_len = input_ids.shape
+        num_anchors = anchors.shape[1]
+        context = self.encode_context(target_features)
+        context_positions = blocks.context_position_ids(
+            seq_len, document_ids=document_ids, batch_size=batch
+        ).to(input_ids.device)
+        block_ids = blocks.block_input_ids(
+            input_ids, anchors, keep, block_size, int(self.config.mask_token_id)
+        )
+        block_positions = blocks.block_position_ids(anchors, block_size, context_positions)
+        hidden = self.embed_tokens(block_ids).reshape(batch, num_anchors * block_size, -1)
+        hidden = hidden.to(context.dtype)
+        if self.attention_implementation == "flex_attention":
+            mask: Any = masks.flex_block_mask(anchors, keep, seq_len, block_size, document_ids)
+        else:
+            mask = masks.dense_block_mask(
+                anchors, keep, seq_len, block_size, document_ids, dtype=hidden.dtype
+            )
+        hidden = self.run_layers(
+            hidden, context, block_positions.reshape(batch, -1), context_positions, mask, cache=None
+        )
+        return hidden.reshape(batch, num_anchors, block_size, -1)
 
     def block_logits(self, hidden: Tensor, latent: Tensor | None) -> Tensor:
         """``lm_head(h) + markov_w2(m)`` in float32."""

@@ -124,16 +124,80 @@ def dspark_objective(
     )
     reduce, world_size = _resolve_reduction(all_reduce, process_group)
 
-    num_blocks, block_size, hidden_size = draft_hidden.shape
-    vocab_size = lm_head_weight.shape[0]
+    num_blocks, block_size, _ = draft_hidden.shape
     compute_dtype = _compute_dtype(
         draft_hidden, teacher_hidden, lm_head_weight, markov_latent, markov_w2_weight, confidence_logits
     )
     device = draft_hidden.device
+    slots = _supervised_slots(
+        draft_hidden, markov_latent, teacher_hidden, labels, eval_mask, config, compute_dtype,
+        vocab_size=lm_head_weight.shape[0],
+    )  # fmt: skip
+    chunk = config.chunk_size if config.chunk_size is not None else max(int(slots.index.numel()), 1)
+    # The vocabulary terms are fp32 by design; a caller's bf16 autocast must not downcast the
+    # matmuls (it would also mix dtypes inside the in-place addmm). Backward disables it itself.
+    with torch.autocast(device_type=device.type, enabled=False):
+        # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
+        ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
+            slots.hidden, slots.latent, slots.teacher, slots.targets, lm_head_weight, markov_w2_weight,
+            chunk, compute_dtype,
+        )  # fmt: skip
+    alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
 
-    # Only supervised slots (w > 0 iff eval_mask) enter the vocabulary-sized computation.
-    flat_mask = eval_mask.reshape(-1)
-    index = flat_mask.nonzero().squeeze(1)
+    weights = slots.weights
+    numerators = [(weights * ce_tok).sum(), (weights * dist_tok).sum()]
+    numerators.append(torch.zeros((), dtype=compute_dtype, device=device))
+    conf_prob: Tensor | None = None
+    if confidence_logits is not None:
+        conf = confidence_logits.reshape(-1).index_select(0, slots.index).to(compute_dtype)
+        bce = F.binary_cross_entropy_with_logits(conf, alpha, reduction="none")
+        numerators[2] = (weights * bce).sum()
+        conf_prob = torch.sigmoid(conf.detach())
+
+    # Everything that crosses ranks goes in one float64 vector and one all_reduce.
+    stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+    stats = _local_statistics(
+        weights=weights,
+        term_numerators=(numerators[0], numerators[1], numerators[2]),
+        alpha=alpha,
+        index=slots.index,
+        eval_mask=eval_mask,
+        conf_prob=conf_prob,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        device=stats_device,
+    )
+    if reduce:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=process_group)
+    parts = _split_statistics(stats, block_size, with_confidence=confidence_logits is not None)
+    return _normalised_output(parts, numerators, config, world_size, compute_dtype, device, block_size)
+
+
+@dataclass(frozen=True)
+class _Slots:
+    """The supervised slots (``w > 0`` iff ``eval_mask``), flattened: only they enter the vocabulary."""
+
+    index: Tensor
+    weights: Tensor
+    hidden: Tensor
+    teacher: Tensor
+    targets: Tensor
+    latent: Tensor | None
+
+
+def _supervised_slots(
+    draft_hidden: Tensor,
+    markov_latent: Tensor | None,
+    teacher_hidden: Tensor,
+    labels: Tensor,
+    eval_mask: Tensor,
+    config: DSparkLossConfig,
+    compute_dtype: torch.dtype,
+    *,
+    vocab_size: int,
+) -> _Slots:
+    hidden_size = draft_hidden.shape[-1]
+    index = eval_mask.reshape(-1).nonzero().squeeze(1)
     weights = (
         slot_weights(eval_mask, config.decay_gamma, dtype=compute_dtype).reshape(-1).index_select(0, index)
     )
@@ -145,53 +209,27 @@ def dspark_objective(
         latent = markov_latent.reshape(-1, markov_latent.shape[-1]).index_select(0, index)
     if targets.numel() > 0 and bool(((targets < 0) | (targets >= vocab_size)).any()):
         raise ValueError(f"labels must lie in [0, {vocab_size}) wherever eval_mask is true.")
+    return _Slots(index, weights, hidden, teacher, targets, latent)
 
-    num_tokens = int(index.numel())
-    chunk = config.chunk_size if config.chunk_size is not None else max(num_tokens, 1)
-    # The vocabulary terms are fp32 by design; a caller's bf16 autocast must not downcast the
-    # matmuls (it would also mix dtypes inside the in-place addmm). Backward disables it itself.
-    with torch.autocast(device_type=device.type, enabled=False):
-        # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
-        ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
-            hidden, latent, teacher, targets, lm_head_weight, markov_w2_weight, chunk, compute_dtype
-        )
-    alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
 
-    ce_num = (weights * ce_tok).sum()
-    l1_num = (weights * dist_tok).sum()
-    conf_num = torch.zeros((), dtype=compute_dtype, device=device)
-    conf_prob: Tensor | None = None
-    if confidence_logits is not None:
-        conf = confidence_logits.reshape(-1).index_select(0, index).to(compute_dtype)
-        bce = F.binary_cross_entropy_with_logits(conf, alpha, reduction="none")
-        conf_num = (weights * bce).sum()
-        conf_prob = torch.sigmoid(conf.detach())
-
-    # Everything that crosses ranks goes in one float64 vector and one all_reduce.
-    stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
-    stats = _local_statistics(
-        weights=weights,
-        term_numerators=(ce_num, l1_num, conf_num),
-        alpha=alpha,
-        index=index,
-        eval_mask=eval_mask,
-        conf_prob=conf_prob,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        device=stats_device,
-    )
-    if reduce:
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=process_group)
-    parts = _split_statistics(stats, block_size, with_confidence=confidence_logits is not None)
-
+def _normalised_output(
+    parts: dict[str, Tensor],
+    numerators: list[Tensor],
+    config: DSparkLossConfig,
+    world_size: int,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+) -> DSparkObjectiveOutput:
+    """Divide by the global weight: the differentiable loss, the reported terms and diagnostics."""
     denominator = parts["denominator"]
     # A global denominator of 0 means no supervised slot anywhere: every term is 0, not NaN.
     inverse = torch.where(denominator > 0, 1.0 / denominator.clamp_min(1e-300), torch.zeros_like(denominator))
     inverse_c = inverse.to(device=device, dtype=compute_dtype)
+    ce_num, l1_num, conf_num = numerators
     loss = (config.ce_weight * ce_num + config.l1_weight * l1_num + config.confidence_weight * conf_num) * (
         inverse_c * world_size
     )
-
     terms = parts["term_numerators"] * inverse
     ce_value, l1_value, conf_value = (terms[i].to(device=device, dtype=compute_dtype) for i in range(3))
     return DSparkObjectiveOutput(
@@ -199,7 +237,7 @@ def dspark_objective(
         ce=ce_value,
         l1=l1_value,
         confidence=conf_value,
-        diagnostics=_diagnostics(parts, block_size, with_confidence=confidence_logits is not None),
+        diagnostics=_diagnostics(parts, block_size, with_confidence="bin_count" in parts),
         total=(
             config.ce_weight * ce_value + config.l1_weight * l1_value + config.confidence_weight * conf_value
         ),
