@@ -164,6 +164,8 @@ def test_resume_skips_a_damaged_checkpoint_and_ends_like_the_uninterrupted_run(
     resumed.train()
     assert_same_run(run_dir, reference)
     assert all(not problems for problems in verify_run(run_dir).values())
+    assert cli_main(["verify", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip().endswith("4 ok, 0 damaged")  # 3 checkpoints and draft/
 
 
 def test_resume_fails_clearly_when_no_checkpoint_validates(

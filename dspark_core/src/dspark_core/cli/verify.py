@@ -10,7 +10,7 @@ HELP = "check every checkpoint of a training run, and its exported draft, agains
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="a training run directory (dspark train --output)")
+    parser.add_argument("run_dir", metavar="RUN", help="a training run directory (dspark train --output)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from dspark_core.training.checkpoint import RUN_FILE, verify_run
     from dspark_core.training.run_dir import RunDirectoryError
 
-    run_dir = Path(args.run)
+    run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
         raise RunDirectoryError(f"{run_dir}: no such directory")
     report = verify_run(run_dir)
