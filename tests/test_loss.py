@@ -288,7 +288,7 @@ def test_empty_mask_gives_zero_loss_and_zero_gradients() -> None:
     got = grads(out.loss, batch)
     for name, grad in got.items():
         assert torch.isfinite(grad).all() and grad.abs().max() == 0, name
-    num, den = out.diagnostics["tau"]
+    num, den = out.diagnostics["tau_proxy"]
     assert num.item() == 0.0 and den.item() == 0.0
 
 
@@ -298,13 +298,13 @@ def test_diagnostics_match_direct_computation() -> None:
     alpha = direct(batch, DSparkLossConfig())["alpha"]
     mask = batch.eval_mask
 
-    expected_keys = {f"accept_rate@{k}" for k in range(B)} | {"tau", "confidence_ece", "confidence_bias"}
+    expected_keys = {f"alpha@{k}" for k in range(B)} | {"tau_proxy", "confidence_ece", "confidence_bias"}
     assert set(out.diagnostics) == expected_keys
     for num, den in out.diagnostics.values():
         assert num.dtype == den.dtype == torch.float64 and num.dim() == den.dim() == 0
 
     for k in range(B):
-        num, den = out.diagnostics[f"accept_rate@{k}"]
+        num, den = out.diagnostics[f"alpha@{k}"]
         assert den.item() == mask[:, k].sum().item()
         assert num.item() == pytest.approx(alpha[:, k][mask[:, k]].sum().item(), rel=1e-9, abs=1e-12)
 
@@ -317,7 +317,7 @@ def test_diagnostics_match_direct_computation() -> None:
             run_product *= alpha[n, k].item() if mask[n, k] else 0.0
             total += run_product
         taus.append(total)
-    num, den = out.diagnostics["tau"]
+    num, den = out.diagnostics["tau_proxy"]
     assert den.item() == len(taus) == 5
     assert num.item() == pytest.approx(sum(taus), rel=1e-9)
 
@@ -337,7 +337,7 @@ def test_diagnostics_match_direct_computation() -> None:
 
 def test_diagnostics_without_confidence_head() -> None:
     out = run(make_batch(confidence=False), DSparkLossConfig())
-    assert set(out.diagnostics) == {f"accept_rate@{k}" for k in range(B)} | {"tau"}
+    assert set(out.diagnostics) == {f"alpha@{k}" for k in range(B)} | {"tau_proxy"}
     assert out.confidence.item() == 0.0
 
 
@@ -347,12 +347,12 @@ def test_tau_is_one_plus_valid_slots_when_draft_equals_teacher() -> None:
     batch.teacher_hidden = batch.draft_hidden.detach().clone()
     out = run(batch, DSparkLossConfig())
     assert out.l1.item() == pytest.approx(0.0, abs=1e-12)
-    num, den = out.diagnostics["tau"]
+    num, den = out.diagnostics["tau_proxy"]
     valid = [n for n in lengths if n > 0]
     assert den.item() == len(valid)
     assert num.item() == pytest.approx(sum(1 + n for n in valid), rel=1e-12)
     for k in range(B):
-        num, den = out.diagnostics[f"accept_rate@{k}"]
+        num, den = out.diagnostics[f"alpha@{k}"]
         assert num.item() == pytest.approx(den.item(), rel=1e-12)
 
 

@@ -41,7 +41,7 @@ OPTIONS: dict[str, Any] = {
     "progress": False,
     "seed": 5,
 }
-COMPARED = ("loss", "ce", "l1", "confidence_loss", "tau", "accept_rate@0", "accept_rate@3", "confidence_ece")
+COMPARED = ("loss", "ce", "l1", "confidence_loss", "tau_proxy", "alpha@0", "alpha@3", "confidence_ece")
 
 
 @pytest.fixture(scope="module")

@@ -74,8 +74,8 @@ def test_loss_falls_and_tau_rises_on_the_tiny_target(demo_run: Path) -> None:
     assert [r["step"] for r in trained] == list(range(10, STEPS + 1, 10))
     first, last = trained[0], trained[-1]
     assert last["loss"] < first["loss"] - 0.1
-    assert last["tau"] > first["tau"] + 0.05
-    assert last["accept_rate@0"] > first["accept_rate@0"]
+    assert last["tau_proxy"] > first["tau_proxy"] + 0.05
+    assert last["alpha@0"] > first["alpha@0"]
     for record in trained:
         assert {
             "ce",
@@ -86,7 +86,7 @@ def test_loss_falls_and_tau_rises_on_the_tiny_target(demo_run: Path) -> None:
             "peak_memory_mb",
             "grad_norm",
         } <= record.keys()
-        assert [k for k in record if k.startswith("accept_rate@")] == [f"accept_rate@{k}" for k in range(4)]
+        assert [k for k in record if k.startswith("alpha@")] == [f"alpha@{k}" for k in range(4)]
     evaluated = [r for r in records if "eval_tau" in r]
     assert [r["step"] for r in evaluated] == [30, 60]
     assert all(r["eval_tau"] >= 1.0 for r in evaluated)

@@ -540,6 +540,11 @@ def _diagnostics(
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Metric name -> (numerator, denominator), from globally summed statistics.
 
+    These are teacher-forced proxies on training blocks, not decoding measurements: ``alpha@k`` is
+    the mean of ``alpha_k = 1 - TV_k`` over supervised slots ``k`` (each slot on its own, whatever the
+    slots before it did), and ``tau_proxy`` is ``1 + sum_k prod_{j<=k} alpha_j`` per block. Decoding's
+    ``accept_rate@k`` is another quantity, ``P(accepted > k | proposed > k)``, hence other names.
+
     ``confidence_ece`` is the expected calibration error of ``sigmoid(conf)`` against the soft
     target ``alpha`` over supervised slots: with ``ECE_NUM_BINS`` equal-width bins of
     ``sigmoid(conf)``, numerator ``sum_bins |sum(sigmoid(conf)) - sum(alpha)|`` and denominator the
@@ -547,8 +552,8 @@ def _diagnostics(
     """
     diagnostics: dict[str, tuple[Tensor, Tensor]] = {}
     for k in range(block_size):
-        diagnostics[f"accept_rate@{k}"] = (parts["accept_num"][k], parts["accept_den"][k])
-    diagnostics["tau"] = (parts["tau_num"], parts["tau_den"])
+        diagnostics[f"alpha@{k}"] = (parts["accept_num"][k], parts["accept_den"][k])
+    diagnostics["tau_proxy"] = (parts["tau_num"], parts["tau_den"])
     if with_confidence:
         count = parts["bin_count"].sum()
         diagnostics["confidence_ece"] = ((parts["bin_conf"] - parts["bin_alpha"]).abs().sum(), count)

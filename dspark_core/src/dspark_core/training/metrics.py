@@ -3,12 +3,13 @@
 Each line of ``metrics.jsonl`` is one logged step::
 
     {"step": 20, "epoch": 0, "loss": ..., "ce": ..., "l1": ..., "confidence_loss": ...,
-     "accept_rate@0": ..., ..., "tau": ..., "confidence_ece": ..., "confidence_bias": ...,
+     "alpha@0": ..., ..., "tau_proxy": ..., "confidence_ece": ..., "confidence_bias": ...,
      "lr": ..., "grad_norm": ..., "tokens": ..., "tokens_per_s": ..., "peak_memory_mb": ...,
      "elapsed_s": ...}
 
 Loss terms are means over the window's optimizer steps; the objective's diagnostics (acceptance
-proxy per slot, tau, confidence calibration) are pooled over the window as the ratio of summed
+proxy per slot ``alpha@k``, ``tau_proxy``, confidence calibration: teacher-forced proxies on the
+training rows, not decoding) are pooled over the window as the ratio of summed
 numerators to summed denominators, already summed across ranks by the objective. ``tokens`` counts
 the non-padding tokens every rank read in the window, ``peak_memory_mb`` is the largest peak over
 ranks. Evaluation results (``eval_tau``, ``eval_accept_rate@i``, ...) join the line of their step.
@@ -142,9 +143,10 @@ class WindowMetrics:
 
 
 def _diagnostic_order(name: str) -> tuple[int, int, str]:
-    # accept_rate@0, @1, ... in numeric order, then the rest alphabetically.
-    if name.startswith("accept_rate@") and name[12:].isdigit():
-        return (0, int(name[12:]), "")
+    # alpha@0, @1, ... in numeric order, then the rest alphabetically.
+    prefix = "alpha@"
+    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+        return (0, int(name[len(prefix) :]), "")
     return (1, 0, name)
 
 

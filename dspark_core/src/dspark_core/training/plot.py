@@ -89,7 +89,9 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     written.append(_save(fig, out / "loss.png", plt))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in (("tau", "tau (objective proxy)"), ("eval_tau", "tau (speculative decoding)")):
+    # Runs written before the rename log the proxy as "tau" and the per-slot proxy as "accept_rate@k".
+    proxy = "tau_proxy" if any("tau_proxy" in r for r in records) else "tau"
+    for key, label in ((proxy, "tau_proxy (teacher-forced, training rows)"), ("eval_tau", "tau (decoding)")):
         steps, values = _series(records, key)
         if steps:
             ax.plot(steps, values, label=label, marker="o" if key == "eval_tau" else None)
@@ -101,12 +103,13 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     written.append(_save(fig, out / "tau.png", plt))
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    with_rates = [r for r in records if _positions(r, "accept_rate@")[0]]
+    slot_prefix = "alpha@" if any(_positions(r, "alpha@")[0] for r in records) else "accept_rate@"
+    with_rates = [r for r in records if _positions(r, slot_prefix)[0]]
     picks = sorted({0, len(with_rates) // 2, len(with_rates) - 1}) if with_rates else []
     for index in picks:
         record = with_rates[index]
-        positions, rates = _positions(record, "accept_rate@")
-        ax.plot(positions, rates, marker="o", label=f"objective alpha_k, step {int(record['step'])}")
+        positions, rates = _positions(record, slot_prefix)
+        ax.plot(positions, rates, marker="o", label=f"alpha@k (teacher-forced), step {int(record['step'])}")
     evaluated = [r for r in records if _positions(r, "eval_accept_rate@")[0]]
     if evaluated:
         positions, rates = _positions(evaluated[-1], "eval_accept_rate@")

@@ -255,7 +255,7 @@ class Trainer:
             if self._bar is not None:
                 # A teacher-forced proxy on training rows, not decoding on held-out prompts.
                 self._bar.set_postfix(
-                    loss=f"{summary['loss']:.4f}", tau_proxy=f"{summary.get('tau', 0.0):.3f}"
+                    loss=f"{summary['loss']:.4f}", tau_proxy=f"{summary.get('tau_proxy', 0.0):.3f}"
                 )
         if config.eval_every and self.step % config.eval_every == 0:
             record = {"step": self.step, **record, **self.evaluator.run(self.target, self.draft)}
