@@ -9,6 +9,7 @@ for checkpoints come from ``torch.distributed.checkpoint.state_dict`` in both ca
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import os
 from collections.abc import Callable, Iterator
@@ -145,9 +146,18 @@ class DistributedContext:
         result: T = outcome[1]
         return result
 
-    def shutdown(self) -> None:
-        """Leave the process group if this context joined it."""
+    def shutdown(self, *, wait_for_peers: bool = False) -> None:
+        """Leave the process group if this context joined it.
+
+        After a successful run pass ``wait_for_peers=True``: every rank then finishes its last
+        collective before any tears the group down. Gloo aborts the process (SIGABRT at exit) when a
+        group dies with work in flight or is only freed during interpreter shutdown. After a failure
+        the peers may be gone, so no barrier is attempted.
+        """
         if self.initialized_here and dist.is_initialized():
+            if wait_for_peers:
+                self.barrier()
+            gc.collect()  # free wrapped models (DDP reducers, FSDP meshes) that still hold the group
             dist.destroy_process_group()
             self.initialized_here = False
 

@@ -393,6 +393,11 @@ def train(config: TrainConfig) -> TrainResult:
     """Build a :class:`Trainer` for ``config``, run it to ``max_steps`` and leave the process group."""
     context = DistributedContext.from_environment(config.device)
     try:
-        return Trainer(config, context=context).train()
-    finally:
+        trainer = Trainer(config, context=context)
+        result = trainer.train()
+    except BaseException:
         context.shutdown()
+        raise
+    del trainer  # its wrapped model holds the process group: release it before the group goes
+    context.shutdown(wait_for_peers=True)
+    return result
