@@ -62,8 +62,8 @@ def input_file(tmp_path: Path) -> Path:
     return path
 
 
-def greedy_reply(target: Any, tokenizer: Any, conversation: list[dict[str, str]]) -> str:
-    """The target's greedy answer to one conversation, unbatched, through plain ``generate``."""
+def greedy_reply(target: Any, tokenizer: Any, conversation: list[dict[str, Any]]) -> list[int]:
+    """The target's greedy answer to one conversation (its ids), unbatched, through plain ``generate``."""
     ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
         out = target.generate(
@@ -72,10 +72,10 @@ def greedy_reply(target: Any, tokenizer: Any, conversation: list[dict[str, str]]
     new = out[0, len(ids) :].tolist()
     if tokenizer.eos_token_id in new:
         new = new[: new.index(tokenizer.eos_token_id)]
-    return str(tokenizer.decode(new, skip_special_tokens=True))
+    return [int(t) for t in new]
 
 
-def expected_messages(target: Any, tokenizer: Any, row: dict[str, Any]) -> list[dict[str, str]]:
+def expected_messages(target: Any, tokenizer: Any, row: dict[str, Any]) -> list[dict[str, Any]]:
     """Replay the row turn by turn with unbatched greedy decoding."""
     if "messages" in row:
         turns = [dict(m) for m in row["messages"]]
@@ -86,7 +86,9 @@ def expected_messages(target: Any, tokenizer: Any, row: dict[str, Any]) -> list[
         turns.append({"role": "assistant", "content": ""})
     for i, turn in enumerate(turns):
         if turn["role"] == "assistant":
-            turn["content"] = greedy_reply(target, tokenizer, turns[:i])
+            ids = greedy_reply(target, tokenizer, turns[:i])
+            turn["content"] = str(tokenizer.decode(ids, skip_special_tokens=True))
+            turn["response_ids"] = ids
     return turns
 
 
@@ -195,3 +197,40 @@ def test_pre_tokenised_rows_and_foreign_output_files_are_refused(
     foreign.write_text('{"text": "not ours"}\n')
     with pytest.raises(DatasetError, match=r"foreign.jsonl:1: not a line written by regenerate"):
         resume_point(foreign)
+
+
+def test_trained_rows_are_the_targets_own_greedy_ids(
+    target: Any, tokenizer: Any, input_file: Path, tmp_path: Path
+) -> None:
+    """The trainer's supervised tokens are the ids the target generated, not a re-tokenisation."""
+    from dspark_core.training.data import TokenizedDataset, read_jsonl
+
+    output = tmp_path / "out.jsonl"
+    regenerate(
+        target,
+        tokenizer,
+        input_file,
+        output,
+        sampling=SamplingConfig(max_new_tokens=MAX_NEW),
+        batch_size=3,
+        progress=False,
+    )
+    rows = list(read_jsonl(output))
+    dataset = TokenizedDataset.from_rows(rows, tokenizer)
+    records = read_output(output)
+    assert len(dataset.examples) == len(records)
+    for example, record in zip(dataset.examples, records, strict=True):
+        turns = record["messages"]
+        expected = expected_messages(target, tokenizer, ROWS[record["row"]])
+        supervised = [t for t, m in zip(example.input_ids, example.loss_mask, strict=True) if m]
+        assert supervised == [
+            t for turn in expected if turn["role"] == "assistant" for t in turn["response_ids"]
+        ]
+        # Up to the first reply, the row is exactly the prompt the target answered.
+        first = next(i for i, turn in enumerate(turns) if turn["role"] == "assistant")
+        prompt = tokenizer.apply_chat_template(turns[:first], add_generation_prompt=True, return_dict=False)
+        assert example.input_ids[: len(prompt)] == list(prompt)
+        assert (
+            example.input_ids[len(prompt) : len(prompt) + len(turns[first]["response_ids"])]
+            == turns[first]["response_ids"]
+        )

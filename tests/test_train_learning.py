@@ -26,7 +26,10 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     target = root / "tiny-target"
     # A peaked output head: a plain random target's next-token distributions are nearly uniform.
-    assert cli_main(["make-tiny-target", str(target), "--num-layers", "2", "--logit-scale", "30"]) == 0
+    assert (
+        cli_main(["make-tiny-target", str(target), "--random", "--num-layers", "2", "--logit-scale", "30"])
+        == 0
+    )
     run_dir = root / "runs" / "demo"
     code = cli_main(
         [

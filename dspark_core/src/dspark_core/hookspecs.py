@@ -19,6 +19,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from dspark_core.spec import DraftSpec
+    from dspark_core.targets.builders import TinyTargetBuilder
 
 PROJECT_NAME = "dspark"
 ENTRY_POINT_GROUP = "dspark.drafts"
@@ -35,4 +36,15 @@ def dspark_draft_specs() -> Mapping[str, DraftSpec]:  # type: ignore[empty-body]
     ``"Qwen3ForCausalLM"``). The module defining this hook must import without torch or
     transformers: name the draft class lazily with ``DSparkDraftSpec("pkg.module:Class")``.
     Every plugin's answer is collected; none overrides another.
+    """
+
+
+@hookspec
+def dspark_tiny_target_builders() -> Mapping[str, TinyTargetBuilder | str]:  # type: ignore[empty-body]
+    """Optional: builders of small randomly initialised targets, keyed by family name.
+
+    Each value is a callable, or a lazy ``"pkg.module:function"`` reference to one, taking a
+    :class:`~dspark_core.targets.builders.TinyTargetShape` and returning a ``PreTrainedModel``
+    whose config names its ``architectures``. ``dspark make-tiny-target --family NAME`` uses it for
+    random and pretrained targets alike, so core never imports a family.
     """

@@ -103,6 +103,8 @@ class DiscoveryReport:
     failures: list[PluginFailure] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
     unknown_selection: list[str] = field(default_factory=list)
+    #: The plugin manager holding every loaded plugin, for the other hooks (``tiny_target_builders``).
+    manager: pluggy.PluginManager | None = None
 
 
 def _normalise(name: str) -> str:
@@ -219,6 +221,7 @@ class DraftRegistry(Mapping[str, DraftSpec]):
                 answers.append((info, specs))
 
         self._merge(answers, report)
+        report.manager = manager
         failed = {(f.plugin.name, f.plugin.distribution) for f in report.failures}
         blocked = report.plugins
         report.plugins = [

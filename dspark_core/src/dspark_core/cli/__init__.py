@@ -17,6 +17,7 @@ from dspark_core.errors import DSparkError
 
 # (command, aliases, module). Each module defines HELP, add_arguments(parser) and run(args) -> int.
 COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
+    ("quickstart", (), "dspark_core.cli.quickstart"),
     ("list", ("plugins",), "dspark_core.cli.plugins_list"),
     ("resolve", (), "dspark_core.cli.plugins_resolve"),
     ("doctor", (), "dspark_core.cli.plugins_doctor"),

@@ -93,6 +93,9 @@ class Message:
 
     role: str
     content: str
+    #: An assistant turn's tokens as the target produced them (``regenerate`` writes them); when
+    #: present they are trained on instead of re-tokenising ``content``.
+    response_ids: tuple[int, ...] | None = None
 
     def as_dict(self) -> dict[str, str]:
         """The ``{"role", "content"}`` form chat templates expect."""
@@ -217,7 +220,22 @@ def _parse_messages(turns: object, key: str, origin: Origin | None) -> tuple[Mes
             raise DatasetError(
                 f"{where}{key}[{i}].{content_key} must be a string, got {type(content).__name__}"
             )
-        messages.append(Message(_ROLE_ALIASES[raw_role.lower()], content))
+        role = _ROLE_ALIASES[raw_role.lower()]
+        ids = turn.get("response_ids")
+        if ids is not None and role != "assistant":
+            raise DatasetError(
+                f"{where}{key}[{i}] has response_ids but is a {role} turn; only assistant turns carry them"
+            )
+        response_ids = (
+            None if ids is None else tuple(_parse_int_list(ids, f"{key}[{i}].response_ids", origin))
+        )
+        messages.append(Message(role, content, response_ids))
+    with_ids = [m.response_ids is not None for m in messages if m.role == "assistant"]
+    if any(with_ids) and not all(with_ids):
+        raise DatasetError(
+            f"{where}either every assistant turn carries response_ids or none does; "
+            "regenerate the row, or drop response_ids from it"
+        )
     return tuple(messages)
 
 
@@ -375,6 +393,8 @@ def tokenize_chat(
     """
     template = _chat_template(tokenizer)
     template_kwargs = dict(chat_template_kwargs or {})
+    if any(isinstance(m, Message) and m.response_ids is not None for m in messages):
+        return _tokenize_with_response_ids(tokenizer, messages, template_kwargs)  # type: ignore[arg-type]
     conversation = [m.as_dict() if isinstance(m, Message) else dict(m) for m in messages]
     # Character offsets are preferred even when the template has generation markers: transformers
     # 5.22's return_assistant_tokens_mask drops the last token of a character split across byte-level
@@ -401,6 +421,43 @@ def tokenize_chat(
     enc: Any = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
     return [int(t) for t in enc["input_ids"]], _mask_from_spans(offsets, spans)
+
+
+_REPLY_SENTINEL = "\x00dspark-reply-{}\x00"
+
+
+def _tokenize_with_response_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], template_kwargs: Mapping[str, Any]
+) -> tuple[list[int], list[int]]:
+    """The chat with each assistant turn's stored ids spliced in verbatim; only those are supervised.
+
+    The template is rendered with a sentinel for each reply and the text between sentinels is
+    tokenised piece by piece. The first piece is exactly the prompt the target was given (the
+    rendering up to the generation prompt), so the ids follow the context they were generated in.
+    """
+    conversation = []
+    replies: list[tuple[int, ...]] = []
+    for m in messages:
+        if m.response_ids is not None:
+            conversation.append({"role": m.role, "content": _REPLY_SENTINEL.format(len(replies))})
+            replies.append(m.response_ids)
+        else:
+            conversation.append(m.as_dict())
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=False, **template_kwargs)
+    if not isinstance(rendered, str):
+        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(rendered).__name__}")
+    input_ids: list[int] = []
+    loss_mask: list[int] = []
+    rest = rendered
+    for index, reply in enumerate(replies):
+        before, found, rest = rest.partition(_REPLY_SENTINEL.format(index))
+        if not found:
+            raise ValueError("the chat template dropped an assistant turn; pre-tokenise the data instead")
+        piece = [int(t) for t in tokenizer(before, add_special_tokens=False)["input_ids"]] if before else []
+        input_ids += piece + list(reply)
+        loss_mask += [0] * len(piece) + [1] * len(reply)
+    tail = [int(t) for t in tokenizer(rest, add_special_tokens=False)["input_ids"]] if rest else []
+    return input_ids + tail, loss_mask + [0] * len(tail)
 
 
 # --------------------------------------------------------------------------------------------------

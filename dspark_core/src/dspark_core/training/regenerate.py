@@ -105,6 +105,26 @@ def generate_responses(
     Returns the decoded responses (special tokens removed, cut at the first end-of-sequence token)
     and the number of tokens generated. ``seed`` seeds sampling for this batch.
     """
+    ids, generated = generate_response_ids(
+        target, tokenizer, conversations, sampling, chat_template_kwargs=chat_template_kwargs, seed=seed
+    )
+    return [str(tokenizer.decode(row, skip_special_tokens=True)) for row in ids], generated
+
+
+def generate_response_ids(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Sequence[Sequence[Mapping[str, str]]],
+    sampling: SamplingConfig,
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+) -> tuple[list[list[int]], int]:
+    """As :func:`generate_responses`, but the target's own token ids (cut before the first eos).
+
+    Decoding them to text and tokenising again does not always give them back (a split UTF-8 byte
+    becomes U+FFFD), so training rows that should be the target's output keep these ids.
+    """
     prompts: list[list[int]] = []
     for conversation in conversations:
         ids: Any = tokenizer.apply_chat_template(
@@ -149,16 +169,12 @@ def generate_responses(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **options
         )
     new_tokens = output[:, width:].tolist()
-    responses: list[str] = []
+    responses: list[list[int]] = []
     generated = 0
     for row in new_tokens:
-        cut = len(row)
-        for i, token in enumerate(row):
-            if token in eos:
-                cut = i
-                break
+        cut = next((i for i, token in enumerate(row) if token in eos), len(row))
         generated += min(cut + 1, len(row))
-        responses.append(str(tokenizer.decode(row[:cut], skip_special_tokens=True)))
+        responses.append([int(t) for t in row[:cut]])
     return responses, generated
 
 
@@ -170,7 +186,7 @@ def regenerate_rows(
     *,
     chat_template_kwargs: Mapping[str, Any] | None = None,
     seed: int | None = None,
-) -> tuple[list[list[dict[str, str]]], int, int]:
+) -> tuple[list[list[dict[str, Any]]], int, int]:
     """Regenerate the assistant turns of ``rows`` (one batch). Returns the new conversations, the
     number of turns generated and the number of tokens generated.
 
@@ -179,7 +195,7 @@ def regenerate_rows(
     assistant turns.
     """
     # Each row becomes its prompt turns with placeholders for the responses to write.
-    plans: list[list[dict[str, str]]] = []
+    plans: list[list[dict[str, Any]]] = []
     for row in rows:
         turns = [m.as_dict() for m in row.messages]
         if turns and turns[-1]["role"] != "assistant":
@@ -193,11 +209,14 @@ def regenerate_rows(
         members = [r for r, todo in enumerate(pending) if todo]
         contexts = [plans[r][: pending[r][0]] for r in members]
         batch_seed = None if seed is None else rank_seed(seed, round_index, "regenerate")
-        responses, generated = generate_responses(
+        replies, generated = generate_response_ids(
             target, tokenizer, contexts, sampling, chat_template_kwargs=chat_template_kwargs, seed=batch_seed
         )
-        for r, response in zip(members, responses, strict=True):
-            plans[r][pending[r].pop(0)]["content"] = response
+        for r, reply in zip(members, replies, strict=True):
+            turn = plans[r][pending[r].pop(0)]
+            # The ids are what the trainer uses: decoding and re-tokenising does not always return them.
+            turn["content"] = str(tokenizer.decode(reply, skip_special_tokens=True))
+            turn["response_ids"] = reply
         turns_done += len(members)
         tokens += generated
         round_index += 1

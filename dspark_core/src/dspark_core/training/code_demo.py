@@ -1,0 +1,159 @@
+"""The quickstart's data: code-completion chats from the embedded corpus, answered by the target.
+
+Train prompts come from the corpus's training files and held-out prompts from its held-out files
+(:mod:`dspark_core.targets.corpus` splits by file), so no function is seen on both sides. Both are
+chosen from the corpus alone, evenly spread over its files, before any training: the held-out set
+is fixed by the corpus and ``num_heldout``, and is never used to choose settings.
+
+The assistant turns are the target's own greedy replies, stored as text and as ``response_ids``,
+so the draft trains on exactly the tokens the target produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dspark_core.targets.code_tasks import CodeTask, code_tasks
+from dspark_core.targets.corpus import Corpus
+
+RECORD_NAME = "data.json"
+TRAIN_NAME = "train.jsonl"
+HELDOUT_NAME = "heldout.jsonl"
+
+
+@dataclass(frozen=True)
+class CodeDemoRecipe:
+    """What decides the data (with the corpus and the target)."""
+
+    num_train: int = 2000
+    num_heldout: int = 48
+    max_new_tokens: int = 96
+    batch_size: int = 32
+    max_prompt_tokens: int = 256
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spread(tasks: Sequence[CodeTask], count: int) -> list[CodeTask]:
+    """``count`` tasks evenly spaced over ``tasks`` (all of them when there are fewer)."""
+    if count >= len(tasks):
+        return list(tasks)
+    step = len(tasks) / count
+    return [tasks[int(i * step)] for i in range(count)]
+
+
+def select_tasks(corpus: Corpus, recipe: CodeDemoRecipe) -> tuple[list[CodeTask], list[CodeTask]]:
+    """(train tasks, held-out tasks), from disjoint files; depends on nothing but the corpus."""
+    train = spread(list(code_tasks(corpus.split("train"))), recipe.num_train)
+    heldout = spread(list(code_tasks(corpus.split("heldout"))), recipe.num_heldout)
+    return train, heldout
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    os.replace(partial, path)
+
+
+def _fits(task: CodeTask, tokenizer: Any, limit: int) -> bool:
+    ids = tokenizer.apply_chat_template(task.messages(with_answer=False), add_generation_prompt=True)
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    return len(ids) <= limit
+
+
+def answer_tasks(
+    target: Any,
+    tokenizer: Any,
+    tasks: Sequence[CodeTask],
+    recipe: CodeDemoRecipe,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Chat rows whose assistant turn is the target's greedy reply, with its token ids."""
+    from dspark_core.training.regenerate import SamplingConfig, generate_response_ids
+
+    sampling = SamplingConfig(max_new_tokens=recipe.max_new_tokens, temperature=0.0)
+    rows = []
+    for start in range(0, len(tasks), recipe.batch_size):
+        batch = tasks[start : start + recipe.batch_size]
+        ids, _ = generate_response_ids(
+            target, tokenizer, [t.messages(with_answer=False) for t in batch], sampling
+        )
+        for task, reply in zip(batch, ids, strict=True):
+            text = str(tokenizer.decode(reply, skip_special_tokens=True))
+            assistant = {"role": "assistant", "content": text, "response_ids": reply}
+            rows.append({"messages": [*task.messages(with_answer=False), assistant], "source": task.source})
+        if on_batch is not None:
+            on_batch(len(batch))
+    return rows
+
+
+def existing_record(directory: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
+    """The data folder's record when it was built from the same inputs and its files are intact."""
+    try:
+        record = json.loads((directory / RECORD_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("inputs") != expected:
+        return None
+    for name, digest in record.get("files_sha256", {}).items():
+        if not (directory / name).is_file() or _sha256(directory / name) != digest:
+            return None
+    return record
+
+
+def build_code_demo_data(
+    target_dir: str | Path,
+    output_dir: str | Path,
+    recipe: CodeDemoRecipe | None = None,
+    *,
+    progress: bool = True,
+) -> tuple[Path, dict[str, Any], bool]:
+    """Write ``heldout.jsonl`` (prompts) and ``train.jsonl`` (answered chats): (dir, record, reused)."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = recipe or CodeDemoRecipe()
+    corpus = Corpus.stdlib()
+    out = Path(output_dir)
+    target_files = {p.name: _sha256(p) for p in sorted(Path(target_dir).glob("*.safetensors"))}
+    inputs = {"recipe": recipe.as_dict(), "corpus": corpus.record(), "target_weights_sha256": target_files}
+    previous = existing_record(out, inputs)
+    if previous is not None:
+        return out, previous, True
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    train, heldout = select_tasks(corpus, recipe)
+    train = [t for t in train if _fits(t, tokenizer, recipe.max_prompt_tokens)]
+    heldout = [t for t in heldout if _fits(t, tokenizer, recipe.max_prompt_tokens)]
+    out.mkdir(parents=True, exist_ok=True)
+    # The held-out prompts are written first, from the corpus alone: they are fixed before training.
+    _write_jsonl(
+        out / HELDOUT_NAME, [{"messages": t.messages(with_answer=False), "source": t.source} for t in heldout]
+    )
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    bar = tqdm(total=len(train), desc="answer prompts", unit="row", disable=not progress, dynamic_ncols=True)
+    rows = answer_tasks(target, tokenizer, train, recipe, on_batch=bar.update)
+    bar.close()
+    _write_jsonl(out / TRAIN_NAME, rows)
+    record = {
+        "inputs": inputs,
+        "num_train": len(rows),
+        "num_heldout": len(heldout),
+        "train_files": len({t.source.rsplit(":", 1)[0] for t in train}),
+        "heldout_files": len({t.source.rsplit(":", 1)[0] for t in heldout}),
+        "files_sha256": {name: _sha256(out / name) for name in (TRAIN_NAME, HELDOUT_NAME)},
+    }
+    (out / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out, record, False
