@@ -15,6 +15,7 @@ import os
 import re
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType, SimpleNamespace
@@ -178,6 +179,15 @@ class DraftRegistry(Mapping[str, DraftSpec]):
         self._overrides: dict[str, tuple[PluginInfo, DraftSpec]] = {}
         self._autoload: bool | None = None
         self._warned: set[str] = set()
+        # A child forked while another thread held the lock (mid-discovery) would wait on it forever:
+        # give the child a fresh lock and no report, so it discovers again on its own.
+        owner = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reset_in_child(owner))
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.RLock()
+        self._report = None
+        self._pid = None
 
     # -- discovery ---------------------------------------------------------------------------
 
@@ -463,6 +473,12 @@ class DraftRegistry(Mapping[str, DraftSpec]):
                 entry.spec  # noqa: B018 - raises the conflict error here rather than at the caller
                 return entry
         raise DraftSpecNotFoundError(_not_found_message(names, report))
+
+
+def _reset_in_child(owner: weakref.ReferenceType[DraftRegistry]) -> None:
+    registry = owner()
+    if registry is not None:
+        registry._after_fork_in_child()
 
 
 def _with_status(info: PluginInfo, status: PluginStatus = "failed") -> PluginInfo:
