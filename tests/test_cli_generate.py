@@ -155,6 +155,11 @@ def test_target_without_tokenizer_takes_token_ids(
         (("--proposal-length", "9"), "proposal_length"),
         (("--schedule", "sometimes"), "schedule"),
         (("--max-new-tokens", "0"), "max-new-tokens"),
+        (("--proposal-length", "0"), "every round drafts at least one slot"),
+        (("--eos-token-id", "100000"), "--eos-token-id 100000 is outside the target's vocabulary"),
+        (("--dtype", "int8"), "precision must be one of"),
+        (("--exact", "--dtype", "bf16"), "--exact runs in fp32"),
+        (("--plot", "out.svg"), "give a .png file name"),
     ],
 )
 def test_bad_arguments_are_reported(
@@ -219,3 +224,29 @@ def test_console_script_runs_and_imports_no_torch_for_help(pair: tuple[Path, Pat
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["summary"]["speculative"]["new_tokens"] >= 1
     assert "deprecated" not in result.stderr.lower()
+
+
+def test_baseline_match_and_plot_in_text_output(
+    pair: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target, draft = pair
+    plot = tmp_path / "acceptance.png"
+    code, out, err = generate(
+        capsys, "--target", target, "--draft", draft, "--prompt", "What is 3 plus 4?",
+        "--max-new-tokens", "12", "--baseline", "--exact", "--plot", plot,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "identical to plain greedy" in out
+    assert "note: greedy outputs identical to plain decoding: 1/1" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bf16_run_says_greedy_may_differ(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    target, draft = pair
+    code, out, err = generate(
+        capsys, "--target", target, "--draft", draft, "--prompt", "Hi", "--max-new-tokens", "4", "--dtype", "bf16",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    note = json.loads(out)["summary"]["note"]
+    assert "bfloat16 greedy output may differ" in note and "--exact" in note

@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--schedule",
         default="off",
-        help="confidence schedule: off, position:T (per-slot threshold) or product:T (running product)",
+        help="confidence schedule: off, position:T (per-slot threshold) or product:T (running product); "
+        "see dspark_core.decoding for the list",
     )
     parser.add_argument(
         "--proposal-length", type=int, default=None, help="slots drafted per round, 1..block_size"
@@ -70,8 +71,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "float32", "bfloat16", "float16"),
-        help="model dtype; auto is bfloat16 on CUDA and float32 elsewhere",
+        help="model dtype: auto (bf16 on CUDA, fp32 elsewhere), fp32, bf16 or fp16 "
+        "(float32/bfloat16/float16 also accepted). Greedy output is token-exact in fp32 only: in bf16 "
+        "the chunked verify and one-token forwards round differently at near-ties",
+    )
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="run both models in fp32, so greedy speculative output equals plain greedy token for token",
+    )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="draw per-position acceptance and the accepted-length distribution over all prompts (needs "
+        "the plot extra: pip install 'dspark-core[plot]')",
     )
 
 
@@ -115,15 +129,16 @@ def _has_tokenizer(target: str) -> bool:
     return folder.is_dir() and any((folder / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    import torch
+def _resolve_device_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    from dspark_core.options import canonical_precision, resolve_device, resolve_dtype
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolved = torch.device(device)
-    if dtype == "auto":
-        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
-    return resolved, getattr(torch, dtype)
+    precision = canonical_precision(args.dtype, error=ValueError)
+    device = resolve_device(args.device)
+    if args.exact:
+        if precision not in ("auto", "fp32"):
+            raise ValueError(f"--exact runs in fp32 and cannot be combined with --dtype {args.dtype}")
+        precision = "fp32"
+    return device, resolve_dtype(precision, device)
 
 
 def _encode(prompt: Prompt, tokenizer: Any, use_template: bool) -> torch.Tensor:
@@ -195,65 +210,68 @@ def _print_summary(spec: SpeculativeMetrics, plain: SpeculativeMetrics | None) -
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def run(args: argparse.Namespace) -> int:
-    prompts = read_prompts(args.prompts) if args.prompts is not None else [Prompt(args.prompt, "--prompt")]
-
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from dspark_core.decoding import ConfidenceSchedule, combine_metrics, plain_generate, speculative_generate
-    from dspark_core.decoding.speculative import check_draft_fits_target
-    from dspark_core.errors import DSparkError
-    from dspark_core.model_dirs import architectures_of, check_fits_positions, require_model_dir
-    from dspark_core.modeling.draft import DSparkDraftModel
-    from dspark_core.registry import resolve_dspark_draft_spec
-
-    schedule = ConfidenceSchedule.parse(args.schedule)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device, dtype = _resolve_device_dtype(args.device, args.dtype)
+    if args.proposal_length is not None and args.proposal_length < 1:
+        raise ValueError(
+            f"--proposal-length must be at least 1, got {args.proposal_length}: every round drafts at least "
+            "one slot (plain decoding is `dspark generate --baseline`, or a schedule threshold of 1)"
+        )
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ValueError(f"--plot {args.plot}: give a .png file name")
+
+
+def _load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dspark_core.loading import load_draft
+    from dspark_core.model_dirs import require_model_dir
 
     target_dir = require_model_dir(args.target, "--target")
-    draft_dir = require_model_dir(args.draft, "--draft")
     target: Any = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     target = target.to(device).eval()
-    architectures = architectures_of(target.config, target_dir / "config.json") or [type(target).__name__]
-    draft_cls: Any = resolve_dspark_draft_spec(architectures).draft_cls
-    load_kwargs: dict[str, Any] = {"dtype": dtype}
-    if isinstance(draft_cls, type) and issubclass(draft_cls, DSparkDraftModel):
-        # Attaches the target's embeddings and lm_head when the checkpoint omits them.
-        load_kwargs["target"] = target
-    try:
-        draft = draft_cls.from_pretrained(draft_dir, **load_kwargs).to(device).eval()
-    except (DSparkError, OSError, ValueError):
-        raise
-    except Exception as exc:  # e.g. SafetensorError on a truncated file
-        raise DSparkError(
-            f"--draft {draft_dir}: cannot load its weights ({type(exc).__name__}: {exc}); the files are "
-            "truncated or corrupt: export the draft again (dspark verify RUN checks a run's export)"
-        ) from exc
-    check_draft_fits_target(draft, target)
+    draft = load_draft(args.draft, target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target) if _has_tokenizer(args.target) else None
-    use_template = not args.no_chat_template
-    encoded = [_encode(prompt, tokenizer, use_template) for prompt in prompts]
+    vocab = int(target.config.get_text_config().vocab_size)
+    for token in args.eos_token_id or []:
+        if not 0 <= token < vocab:
+            raise ValueError(f"--eos-token-id {token} is outside the target's vocabulary [0, {vocab})")
+    return target, draft, tokenizer
+
+
+def _encode_all(args: argparse.Namespace, prompts: list[Prompt], tokenizer: Any, target: Any) -> list[Any]:
+    from dspark_core.model_dirs import check_fits_positions
+
+    encoded = [_encode(prompt, tokenizer, not args.no_chat_template) for prompt in prompts]
     for prompt, ids in zip(prompts, encoded, strict=True):
         if ids.shape[1] == 0:
             raise ValueError(f"{prompt.source}: the prompt is empty")
         check_fits_positions(ids.shape[1], args.max_new_tokens, target.config, prompt.source)
+    return encoded
 
+
+def _decode_prompts(
+    args: argparse.Namespace, models: tuple[Any, Any, Any], prompts: list[Prompt], encoded: list[Any]
+) -> tuple[list[dict[str, Any]], list[SpeculativeMetrics], list[SpeculativeMetrics]]:
+    """Each prompt decoded speculatively (and plainly with ``--baseline``); the records and metrics."""
+    from tqdm import tqdm
+
+    from dspark_core.decoding import ConfidenceSchedule, plain_generate, speculative_generate
+
+    target, draft, tokenizer = models
     sampling: dict[str, Any] = {
         "temperature": args.temperature,
         "top_k": args.top_k,
         "top_p": args.top_p,
         "eos_token_id": args.eos_token_id,
     }
-    spec_options: dict[str, Any] = {"schedule": schedule, "proposal_length": args.proposal_length}
+    spec_options = {
+        "schedule": ConfidenceSchedule.parse(args.schedule),
+        "proposal_length": args.proposal_length,
+    }
     # One short untimed run of each path first, so one-time setup is not billed to the first prompt.
     warmup = min(_WARMUP_TOKENS, args.max_new_tokens)
     speculative_generate(
@@ -261,30 +279,18 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.baseline:
         plain_generate(target, encoded[0], max_new_tokens=warmup, seed=0, **sampling)
-
     records: list[dict[str, Any]] = []
     spec_metrics: list[SpeculativeMetrics] = []
     plain_metrics: list[SpeculativeMetrics] = []
-    progress = tqdm(
-        list(zip(prompts, encoded, strict=True)), desc="prompts", unit="prompt", file=sys.stderr, leave=False
-    )
+    pairs = list(zip(prompts, encoded, strict=True))
+    progress = tqdm(pairs, desc="prompts", unit="prompt", file=sys.stderr, leave=False)
     for index, (prompt, ids) in enumerate(progress):
-        result = speculative_generate(
-            target,
-            draft,
-            ids,
-            max_new_tokens=args.max_new_tokens,
-            seed=args.seed,
-            check_fit=False,
-            **sampling,
-            **spec_options,
-        )
+        options = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling}
+        result = speculative_generate(target, draft, ids, check_fit=False, **options, **spec_options)
         spec_metrics.append(result.metrics)
         record = _record(index, prompt, result, tokenizer)
         if args.baseline:
-            plain = plain_generate(
-                target, ids, max_new_tokens=args.max_new_tokens, seed=args.seed, **sampling
-            )
+            plain = plain_generate(target, ids, **options)
             plain_metrics.append(plain.metrics)
             record["baseline"] = _record(index, prompt, plain, tokenizer)
             record["speedup"] = _speedup(result.metrics, plain.metrics)
@@ -296,36 +302,84 @@ def run(args: argparse.Namespace) -> int:
             _print_record(record, len(prompts))
             progress.refresh()
     progress.close()
+    return records, spec_metrics, plain_metrics
 
+
+def _exactness_note(
+    args: argparse.Namespace, dtype: torch.dtype, records: list[dict[str, Any]]
+) -> str | None:
+    """What the user should know about greedy exactness in this run, or None when it is not greedy."""
+    import torch
+
+    if args.temperature != 0:
+        return None
+    matched = [r["baseline_matches"] for r in records if "baseline_matches" in r]
+    parts = []
+    if matched:
+        parts.append(f"greedy outputs identical to plain decoding: {sum(matched)}/{len(matched)}")
+    if dtype != torch.float32:
+        parts.append(
+            f"in {str(dtype).removeprefix('torch.')} greedy output may differ from plain greedy at near-ties "
+            "(the chunked verify and one-token forwards round differently); --exact verifies in fp32"
+        )
+    return "; ".join(parts) or None
+
+
+def run(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args.prompts) if args.prompts is not None else [Prompt(args.prompt, "--prompt")]
+    _check_arguments(args)
+    from dspark_core.decoding import ConfidenceSchedule, combine_metrics
+
+    schedule = ConfidenceSchedule.parse(args.schedule)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    device, dtype = _resolve_device_dtype(args)
+    models = _load_models(args, device, dtype)
+    encoded = _encode_all(args, prompts, models[2], models[0])
+    records, spec_metrics, plain_metrics = _decode_prompts(args, models, prompts, encoded)
     spec_total = combine_metrics(spec_metrics)
     plain_total = combine_metrics(plain_metrics) if plain_metrics else None
+    note = _exactness_note(args, dtype, records)
+    if args.plot is not None:
+        from dspark_core.decoding.plot import plot_acceptance
+
+        plot_acceptance(spec_metrics, args.plot)
     if args.json:
-        payload: dict[str, Any] = {
-            "target": str(args.target),
-            "draft": str(args.draft),
-            "settings": {
-                "max_new_tokens": args.max_new_tokens,
-                "temperature": args.temperature,
-                "top_k": args.top_k,
-                "top_p": args.top_p,
-                "seed": args.seed,
-                "schedule": schedule.describe(),
-                "proposal_length": args.proposal_length or int(draft.config.block_size),
-                "device": str(device),
-                "dtype": str(dtype).removeprefix("torch."),
-            },
-            "results": records,
-            "summary": {
-                "speculative": spec_total.as_dict(),
-                "baseline": plain_total.as_dict() if plain_total else None,
-                "speedup": _speedup(spec_total, plain_total) if plain_total else None,
-            },
+        settings = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "top_p": args.top_p,
+            "seed": args.seed,
+            "schedule": schedule.describe(),
+            "proposal_length": args.proposal_length or int(models[1].config.block_size),
+            "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."),
         }
-        print(json.dumps(payload, indent=2))
+        summary = {
+            "speculative": spec_total.as_dict(),
+            "baseline": plain_total.as_dict() if plain_total else None,
+            "speedup": _speedup(spec_total, plain_total) if plain_total else None,
+            "baseline_matches": _matches(records),
+            "note": note,
+        }
+        payload = {"target": str(args.target), "draft": str(args.draft), "settings": settings}
+        print(json.dumps({**payload, "results": records, "summary": summary}, indent=2))
         return 0
     print()
     _print_summary(spec_total, plain_total)
+    if note:
+        print(f"note: {note}")
+    if args.plot is not None:
+        print(f"acceptance plot written to {args.plot}")
     return 0
+
+
+def _matches(records: list[dict[str, Any]]) -> dict[str, int] | None:
+    matched = [r["baseline_matches"] for r in records if "baseline_matches" in r]
+    return {"identical": sum(matched), "compared": len(matched)} if matched else None
 
 
 def _record(index: int, prompt: Prompt, result: GenerationResult, tokenizer: Any) -> dict[str, Any]:
@@ -355,4 +409,8 @@ def _print_record(record: dict[str, Any], total: int) -> None:
         line += (
             f" (baseline {_fmt(baseline['tokens_per_s'], '.1f')} tok/s, speedup {_fmt(record['speedup'])}x)"
         )
+        if "baseline_matches" in record:
+            line += (
+                ", identical to plain greedy" if record["baseline_matches"] else ", DIFFERS from plain greedy"
+            )
     print(line)

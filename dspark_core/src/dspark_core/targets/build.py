@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dspark_core.targets.builders import TinyTargetShape, build_tiny_model
+from dspark_core.targets.code_tasks import CODE_TASK_FORMAT
 from dspark_core.targets.corpus import Corpus
 from dspark_core.targets.pretrain import PretrainRecipe, PretrainResult, pretrain
 from dspark_core.targets.tokenizer import EOS_TOKEN, IM_END, train_chat_tokenizer
@@ -39,6 +40,7 @@ class PretrainedTargetSpec:
     intermediate_size: int = 384
     recipe: PretrainRecipe = field(default_factory=PretrainRecipe)
     save_dtype: str = "bfloat16"  # halves the file; the model is loaded and run in fp32
+    code_task_format: int = CODE_TASK_FORMAT
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k != "recipe"}

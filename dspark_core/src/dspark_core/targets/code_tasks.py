@@ -18,6 +18,8 @@ PROMPT_PREFIX = "Complete this Python function:\n"
 MAX_PROMPT_CHARS = 1200
 MAX_BODY_CHARS = 1500
 MIN_BODY_LINES = 2
+#: Bumped whenever the prompt or answer layout changes, so earlier builds are not reused.
+CODE_TASK_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,10 @@ def _task(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str], where:
     body = "\n".join(cut[docstring_end : node.end_lineno]).lstrip("\n")
     if body.count("\n") + 1 < MIN_BODY_LINES or len(head) > MAX_PROMPT_CHARS or len(body) > MAX_BODY_CHARS:
         return None
-    return CodeTask(where, PROMPT_PREFIX + head.rstrip() + "\n", body.rstrip() + "\n")
+    # Code goes in fences: the reply then starts with "```", never with indentation that byte-level
+    # BPE would merge into the generation prompt's newline (a token the model never saw there).
+    prompt = f"{PROMPT_PREFIX}```python\n{head.rstrip()}\n```"
+    return CodeTask(where, prompt, f"```python\n{body.rstrip()}\n```")
 
 
 def tasks_from_source(text: str, relative_path: str) -> list[CodeTask]:

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dspark_core.targets.code_tasks import CodeTask, code_tasks
+from dspark_core.targets.code_tasks import CODE_TASK_FORMAT, CodeTask, code_tasks
 from dspark_core.targets.corpus import Corpus
 
 RECORD_NAME = "data.json"
@@ -129,7 +129,12 @@ def build_code_demo_data(
     corpus = Corpus.stdlib()
     out = Path(output_dir)
     target_files = {p.name: _sha256(p) for p in sorted(Path(target_dir).glob("*.safetensors"))}
-    inputs = {"recipe": recipe.as_dict(), "corpus": corpus.record(), "target_weights_sha256": target_files}
+    inputs = {
+        "recipe": recipe.as_dict(),
+        "corpus": corpus.record(),
+        "code_task_format": CODE_TASK_FORMAT,
+        "target_weights_sha256": target_files,
+    }
     previous = existing_record(out, inputs)
     if previous is not None:
         return out, previous, True
