@@ -244,8 +244,8 @@ def test_baseline_match_and_plot_in_text_output(
 def test_bf16_run_says_greedy_may_differ(pair: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     target, draft = pair
     code, out, err = generate(
-        capsys, "--target", target, "--draft", draft, "--prompt", "Hi", "--max-new-tokens", "4", "--dtype", "bf16",
-        "--json",
+        capsys, "--target", target, "--draft", draft, "--prompt", "Hi", "--max-new-tokens", "4",
+        "--dtype", "bf16", "--json",
     )  # fmt: skip
     assert code == 0, err
     note = json.loads(out)["summary"]["note"]

@@ -207,3 +207,14 @@ def test_target_and_data_build_with_the_network_unreachable(tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len((tmp_path / "data" / "train.jsonl").read_text().splitlines()) == 4
+
+
+def test_quickstart_example_config_matches_the_command() -> None:
+    from dspark_core.training.config import TrainConfig
+    from dspark_core.training.quickstart import TRAINING, QuickstartPaths, training_config
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml"
+    from_file = TrainConfig.from_file(example)
+    built_in = training_config(QuickstartPaths(Path("runs/quickstart")))
+    assert from_file.to_dict() == {**built_in.to_dict(), "overwrite": True}
+    assert set(TRAINING) <= set(built_in.to_dict()) | set(built_in.to_dict()["draft"])

@@ -16,6 +16,8 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import subprocess
+import sys
 import warnings
 from collections import Counter
 from typing import Any
@@ -37,7 +39,7 @@ from dspark_core.decoding import (
     plain_generate,
     speculative_generate,
 )
-from dspark_core.decoding.speculative import _forward_kwargs
+from dspark_core.decoding.target import forward_kwargs as _forward_kwargs
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.features import capture_target_features
 from dspark_core.modeling.sampling import filtered_probs
@@ -835,3 +837,42 @@ def test_generation_leaves_no_hooks_behind() -> None:
     with pytest.raises(KeyboardInterrupt):
         speculative_generate(target, draft, prompt(4, 32, 0), max_new_tokens=6, on_round=stop)
     assert forward_hooks(target) == before
+
+
+def test_a_schedule_registered_by_name_is_listed_parsed_and_used() -> None:
+    from dspark_core.decoding import schedule as schedules
+
+    @schedules.register_schedule
+    class FirstSlotOnly(schedules.ScheduleRule):
+        """Verify one slot when its confidence reaches T, none otherwise."""
+
+        name = "first-slot-test"
+        help = "test rule"
+
+        def cut(self, log_confidence: list[float], log_threshold: float) -> int:
+            return 1 if log_confidence and log_confidence[0] >= log_threshold else 0
+
+    try:
+        assert "first-slot-test" in schedules.schedule_names()
+        assert "first-slot-test:T" in schedules.describe_schedules()
+        parsed = ConfidenceSchedule.parse("first-slot-test:0")
+        assert (
+            parsed == ConfidenceSchedule("first-slot-test", 0.0) and parsed.describe() == "first-slot-test:0"
+        )
+        target = make_target(seed=9)
+        draft = make_draft(target, block_size=4)
+        records: list[RoundRecord] = []
+        ids = prompt(5, 32, 4)
+        result = speculative_generate(
+            target, draft, ids, max_new_tokens=10, schedule=parsed, on_round=records.append
+        )
+        assert records and all(r.proposed == min(1, r.drafted) for r in records)
+        assert tokens(result) == tokens(plain_generate(target, ids, max_new_tokens=10))
+    finally:
+        schedules._RULES.pop("first-slot-test", None)
+
+
+def test_schedule_module_imports_no_torch() -> None:
+    code = "import sys, dspark_core.decoding.schedule as s; print(s.schedule_names(), 'torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "('off', 'position', 'product') False"

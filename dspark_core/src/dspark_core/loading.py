@@ -13,7 +13,7 @@ from dspark_core.errors import DSparkError
 
 def load_draft(draft_dir: str | Path, target: Any, *, dtype: Any = None, flag: str = "--draft") -> Any:
     """The draft in ``draft_dir``, on the target's device, in eval mode, checked to fit ``target``."""
-    from dspark_core.decoding.speculative import check_draft_fits_target
+    from dspark_core.decoding.fit import check_draft_fits_target
     from dspark_core.model_dirs import architectures_of, require_model_dir
     from dspark_core.modeling.draft import DSparkDraftModel
     from dspark_core.registry import resolve_dspark_draft_spec

@@ -43,12 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=None, help="top-k filter (draft and target alike)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus filter (draft and target alike)")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (the same for the baseline)")
-    parser.add_argument(
-        "--schedule",
-        default="off",
-        help="confidence schedule: off, position:T (per-slot threshold) or product:T (running product); "
-        "see dspark_core.decoding for the list",
-    )
+    from dspark_core.decoding.schedule import describe_schedules
+
+    parser.add_argument("--schedule", default="off", help=f"confidence schedule: {describe_schedules()}")
     parser.add_argument(
         "--proposal-length", type=int, default=None, help="slots drafted per round, 1..block_size"
     )

@@ -1,17 +1,46 @@
-"""Speculative generation with DSpark drafts. Importing this package imports torch."""
+"""Speculative generation with DSpark drafts.
+
+| module | job |
+|---|---|
+| ``speculative`` | the two loops, ``speculative_generate`` and ``plain_generate``, sharing one setup |
+| ``schedule`` | confidence schedules, one registered class each (torch-free) |
+| ``metrics`` | per-round records, per-generation metrics, their combination |
+| ``target`` | the target behind an HF cache |
+| ``verify`` | greedy and rejection verification |
+| ``fit`` | whether a draft was built for a target |
+| ``compare`` / ``plot`` | speculative against plain on a prompt set; ``generate --plot`` |
+
+Importing this package imports torch only when one of the names below is first used.
+"""
 
 from __future__ import annotations
 
-from dspark_core.decoding.speculative import (
-    ConfidenceSchedule,
-    GenerationResult,
-    RoundRecord,
-    SpeculativeMetrics,
-    check_draft_fits_target,
-    combine_metrics,
-    plain_generate,
-    speculative_generate,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dspark_core.decoding.fit import check_draft_fits_target
+    from dspark_core.decoding.metrics import (
+        GenerationResult,
+        RoundRecord,
+        SpeculativeMetrics,
+        combine_metrics,
+    )
+    from dspark_core.decoding.schedule import ConfidenceSchedule, register_schedule, schedule_names
+    from dspark_core.decoding.speculative import plain_generate, speculative_generate
+
+_HOMES = {
+    "ConfidenceSchedule": "schedule",
+    "register_schedule": "schedule",
+    "schedule_names": "schedule",
+    "GenerationResult": "metrics",
+    "RoundRecord": "metrics",
+    "SpeculativeMetrics": "metrics",
+    "combine_metrics": "metrics",
+    "check_draft_fits_target": "fit",
+    "plain_generate": "speculative",
+    "speculative_generate": "speculative",
+}
 
 __all__ = [
     "ConfidenceSchedule",
@@ -21,5 +50,16 @@ __all__ = [
     "check_draft_fits_target",
     "combine_metrics",
     "plain_generate",
+    "register_schedule",
+    "schedule_names",
     "speculative_generate",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'dspark_core.decoding' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"dspark_core.decoding.{home}"), name)
+    globals()[name] = value
+    return value

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from dspark_core.decoding.speculative import SpeculativeMetrics, combine_metrics
+from dspark_core.decoding.metrics import SpeculativeMetrics, combine_metrics
 from dspark_core.errors import DSparkError
 
 

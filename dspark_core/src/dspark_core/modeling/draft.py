@@ -53,6 +53,20 @@ class DraftKVCache:
         self._keys[layer_index], self._values[layer_index] = keys, values
         return keys, values
 
+    def settle_at(self, anchor_position: int) -> None:
+        """After a proposal at ``anchor_position``: hold exactly the context before the anchor.
+
+        A proposal's own block keys and values must not stay, so a cache that kept them is cut
+        back; one holding fewer rows means ``propose`` skipped context and decoding cannot go on.
+        """
+        if self.length < anchor_position:
+            raise RuntimeError(
+                f"the draft cache holds {self.length} context rows after a proposal at anchor position "
+                f"{anchor_position}; propose() must append every new context row"
+            )
+        if self.length > anchor_position:
+            self.crop(anchor_position)
+
     def crop(self, length: int) -> None:
         """Keep the first ``length`` context positions."""
         if length < 0 or length > self.length:
