@@ -36,13 +36,16 @@ from dspark_core.training.quickstart import TRAINING, QuickstartPaths, heldout_p
 from dspark_core.training.trainer import train
 
 
-def train_dspark(paths: QuickstartPaths, out: Path, *, markov_rank: int, seed: int) -> tuple[Path, float]:
+def train_dspark(
+    paths: QuickstartPaths, out: Path, *, markov_rank: int, seed: int, steps: int
+) -> tuple[Path, float]:
     """A draft trained like the quickstart's; returns (export dir, wall seconds)."""
     config = TrainConfig.from_mapping(
         {
             **TRAINING,
             "markov_rank": markov_rank,
             "seed": seed,
+            "max_steps": steps,
             "target": str(paths.target),
             "data": [str(paths.data / TRAIN_NAME)],
             "output_dir": str(out),
@@ -145,6 +148,28 @@ def ours(
     return run
 
 
+def cost_ratio(target: Any, draft: Any, prompts: list[torch.Tensor], max_new_tokens: int) -> dict[str, float]:
+    """Milliseconds per draft proposal, per verify forward and per one-token target forward."""
+    eos = list(target.generation_config.eos_token_id)
+    spec = [
+        speculative_generate(target, draft, p, max_new_tokens=max_new_tokens, eos_token_id=eos).metrics
+        for p in prompts
+    ]
+    plain = [
+        plain_generate(target, p, max_new_tokens=max_new_tokens, eos_token_id=eos).metrics for p in prompts
+    ]
+    # Prefill is one of the forwards; with 128 new tokens it is a small share of either total.
+    costs = {
+        "draft_proposal_ms": 1e3 * sum(m.draft_time_s for m in spec) / sum(m.draft_forwards for m in spec),
+        "verify_forward_ms": 1e3 * sum(m.target_time_s for m in spec) / sum(m.target_forwards for m in spec),
+        "target_token_ms": 1e3 * sum(m.target_time_s for m in plain) / sum(m.target_forwards for m in plain),
+    }
+    costs["target_token_over_draft_proposal"] = costs["target_token_ms"] / costs["draft_proposal_ms"]
+    costs["verify_over_target_token"] = costs["verify_forward_ms"] / costs["target_token_ms"]
+    print("costs at batch 1: " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
+    return costs
+
+
 def measure(
     methods: dict[str, Any], prompts: list[torch.Tensor], temperature: float, max_new_tokens: int
 ) -> dict[str, Any]:
@@ -194,6 +219,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=24, help="held-out prompts used (default 24)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=TRAINING["max_steps"], help="draft training steps")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     paths = QuickstartPaths(args.root)
@@ -219,6 +245,10 @@ def main() -> None:
     assistant = train_assistant(paths, tokenizer, target, params, statistics.mean(wall))
 
     results: dict[str, Any] = {}
+    with torch.inference_mode():
+        results["costs"] = cost_ratio(
+            target, drafts[(TRAINING["markov_rank"], first)], prompts[:4], args.max_new_tokens
+        )
     for temperature in (0.0, 1.0):
         methods: dict[str, Any] = {
             "plain": ours(target, None),

@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "output_dir", metavar="DIR", nargs="?", default="runs/quickstart", help="default runs/quickstart"
     )
     parser.add_argument(
-        "--train-rows", type=int, default=None, help="training chats to answer (default 2000)"
+        "--train-rows", type=int, default=None, help="training chats to answer (default 1200)"
     )
-    parser.add_argument("--heldout-prompts", type=int, default=None, help="held-out prompts (default 48)")
-    parser.add_argument("--max-steps", type=int, default=None, help="draft training steps (default 400)")
+    parser.add_argument("--heldout-prompts", type=int, default=None, help="held-out prompts (default 40)")
+    parser.add_argument("--max-steps", type=int, default=None, help="draft training steps (default 300)")
     parser.add_argument(
         "--max-new-tokens", type=int, default=128, help="tokens decoded per held-out prompt (default 128)"
     )

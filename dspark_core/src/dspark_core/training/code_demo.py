@@ -31,9 +31,9 @@ HELDOUT_NAME = "heldout.jsonl"
 class CodeDemoRecipe:
     """What decides the data (with the corpus and the target)."""
 
-    num_train: int = 2000
-    num_heldout: int = 48
-    max_new_tokens: int = 96
+    num_train: int = 1200
+    num_heldout: int = 40
+    max_new_tokens: int = 64
     batch_size: int = 32
     max_prompt_tokens: int = 256
 

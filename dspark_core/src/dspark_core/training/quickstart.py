@@ -27,7 +27,7 @@ TRAINING: dict[str, Any] = {
     "markov_rank": 64,
     "max_length": 384,
     "batch_size": 8,
-    "max_steps": 400,
+    "max_steps": 300,
     "lr": 3e-3,
     "warmup_steps": 20,
     "min_lr": 3e-4,
