@@ -234,7 +234,7 @@ def main() -> None:
     for seed in args.seeds:
         for rank in (TRAINING["markov_rank"], 0):
             export, seconds = train_dspark(
-                paths, args.root / "peers" / f"r{rank}-s{seed}", markov_rank=rank, seed=seed
+                paths, args.root / "peers" / f"r{rank}-s{seed}", markov_rank=rank, seed=seed, steps=args.steps
             )
             drafts[(rank, seed)] = load_draft(export, target)
             if rank:

@@ -1,4 +1,4 @@
-"""The embedded tiny Qwen3 target: it saves, loads back with the Auto classes, generates and chats."""
+"""The plugin side of the embedded targets: the tiny Qwen3 target saves, loads, generates and chats."""
 
 from __future__ import annotations
 
