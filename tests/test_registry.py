@@ -88,7 +88,6 @@ def test_conflict_names_both_distributions_and_other_architectures_still_resolve
     assert "fam-one 1.0" in message and "fam-two 2.5" in message
     assert "DSPARK_DISABLE_PLUGINS" in message
     assert isinstance(info.value, ValueError)
-    assert "SharedForLM" not in DSPARK_DRAFT_REGISTRY
     with pytest.raises(DraftSpecConflictError):
         DSPARK_DRAFT_REGISTRY["SharedForLM"]
     assert resolve_dspark_draft_spec(["OneForLM"]).reference == "fam_one:D"
@@ -402,16 +401,15 @@ def test_in_process_registration_conflicts_unless_override(plugin_site):
         entry_points={"one": "fam_one"},
         modules={"fam_one": spec_plugin_source({"XForLM": "fam_one:D"})},
     )
-    DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Second")
-    try:
+    with DSPARK_DRAFT_REGISTRY.isolated():
+        DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Second")
         with pytest.raises(DraftSpecConflictError, match="fam-one"):
             resolve_dspark_draft_spec(["XForLM"])
         with pytest.raises(ValueError, match="override=True"):
             DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third")
         DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third", override=True)
         assert resolve_dspark_draft_spec(["XForLM"]).reference == "fam_x:Third"
-    finally:
-        DSPARK_DRAFT_REGISTRY._restore(([], {}, None))
+    assert resolve_dspark_draft_spec(["XForLM"]).reference == "fam_one:D"  # isolation undid both
 
 
 def test_isolation_restores_previous_state():
