@@ -672,3 +672,25 @@ def test_plugin_warnings_point_at_the_callers_frame(plugin_site):
         assert resolve_dspark_draft_spec(["GoodForLM"]).reference == "fam_good:D"
     (warning,) = [w for w in record if issubclass(w.category, DSparkPluginWarning)]
     assert warning.filename == __file__
+
+
+def test_cli_doctor_and_testing_use_only_the_registrys_public_api():
+    """Issue 10 item 6: no underscore names imported from the registry, no private attributes read."""
+    import ast
+    from pathlib import Path
+
+    package = Path(dspark_core.__file__).parent
+    files = [*sorted((package / "cli").glob("*.py")), package / "testing.py", package / "doctor.py"]
+    files = [path for path in files if path.exists()]
+    members = [*vars(DSPARK_DRAFT_REGISTRY), *vars(type(DSPARK_DRAFT_REGISTRY))]
+    private = {name for name in members if name.startswith("_") and not name.startswith("__")}
+    assert {"_lock", "_autoload"} <= private  # the check below knows what to look for
+    offences = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dspark_core"):
+                offences += [f"{path.name}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                offences.append(f"{path.name}:{node.lineno}: reads .{node.attr}")
+    assert offences == []
