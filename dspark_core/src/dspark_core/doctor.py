@@ -106,13 +106,13 @@ def check_entry(entry: ArchitectureEntry, tiny_target: tuple[str, Any] | None = 
             f"{architecture}: draft class {cls!r} from {origin} is not a "
             "transformers.PreTrainedModel subclass"
         )
-    _check_config_class(architecture, cls, origin)
-    note = _check_tiny_draft(entry, tiny_target)
-    name, config_name = f"{cls.__module__}.{cls.__qualname__}", cls.config_class.__name__
+    config_class = _check_config_class(architecture, cls, origin)
+    note = _check_tiny_draft(entry, config_class, tiny_target)
+    name, config_name = f"{cls.__module__}.{cls.__qualname__}", config_class.__name__
     return f"{architecture} -> {name} ({origin}); config_class {config_name}; {note}"
 
 
-def _check_config_class(architecture: str, cls: type[Any], origin: str) -> None:
+def _check_config_class(architecture: str, cls: type[Any], origin: str) -> type[Any]:
     from transformers import PretrainedConfig
 
     config_class = getattr(cls, "config_class", None)
@@ -128,6 +128,7 @@ def _check_config_class(architecture: str, cls: type[Any], origin: str) -> None:
             f"{architecture}: draft class {name} from {origin} has config_class {config_class!r}, which is "
             "not a transformers.PretrainedConfig subclass"
         )
+    return config_class
 
 
 def tiny_targets(report: DiscoveryReport) -> tuple[dict[str, tuple[str, Any]], list[str]]:
@@ -156,7 +157,8 @@ def _builders(report: DiscoveryReport) -> tuple[dict[str, Any], list[str]]:
     hook = report.manager.hook.dspark_tiny_target_builders if report.manager is not None else None
     for impl in hook.get_hookimpls() if hook is not None else []:
         try:
-            answer = dict(impl.function() or {})
+            returned: Any = impl.function()
+            answer = dict(returned or {})
         except Exception as exc:
             problems.append(
                 f"plugin {impl.plugin_name!r}: dspark_tiny_target_builders failed: {_one_line(exc)}"
@@ -181,7 +183,9 @@ def _build_tiny_target(reference: Any) -> Any:
         return builder(TinyTargetShape(**TINY_TARGET_SIZES)).eval()
 
 
-def _check_tiny_draft(entry: ArchitectureEntry, tiny_target: tuple[str, Any] | None) -> str:
+def _check_tiny_draft(
+    entry: ArchitectureEntry, config_class: type[Any], tiny_target: tuple[str, Any] | None
+) -> str:
     if tiny_target is None:
         return "no plugin builds a tiny target of it (dspark_tiny_target_builders), so no test forward"
     family, target = tiny_target
@@ -189,7 +193,7 @@ def _check_tiny_draft(entry: ArchitectureEntry, tiny_target: tuple[str, Any] | N
     draft = _step(
         architecture,
         f"building a tiny draft for family {family!r}'s tiny target",
-        lambda: _tiny_draft(entry, target),
+        lambda: _tiny_draft(entry, config_class, target),
     )
     _step(architecture, "the tiny draft's forward and propose", lambda: _forward_and_propose(target, draft))
     return f"tiny draft for family {family!r}: forward and propose ok"
@@ -204,21 +208,26 @@ def _step(architecture: str, what: str, action: Callable[[], Any]) -> Any:
         raise _CheckFailed(f"{architecture}: {what} failed: {_one_line(exc)}") from exc
 
 
-def _tiny_draft(entry: ArchitectureEntry, target: Any) -> Any:
+def _tiny_draft(entry: ArchitectureEntry, config_class: type[Any], target: Any) -> Any:
     import torch
 
     from dspark_core.modeling.draft_config import TargetLayerWarning
 
-    spec, cls = entry.spec, entry.spec.draft_cls
+    build_draft = getattr(entry.spec, "build_draft", None)
+    if not callable(build_draft):
+        raise _CheckFailed(
+            f"its spec {entry.reference} has no build_draft(target, **options) (see TrainableDraftSpec), "
+            "so `dspark train` cannot build a draft either"
+        )
     mask_token_id = int(target.config.vocab_size) - 1
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", TargetLayerWarning)  # layer n-1 is read on purpose; never served
         torch.manual_seed(0)
-        draft = spec.build_draft(target, mask_token_id=mask_token_id, **TINY_DRAFT_OPTIONS)
-    if not isinstance(draft.config, cls.config_class):
+        draft = build_draft(target, mask_token_id=mask_token_id, **TINY_DRAFT_OPTIONS)
+    if not isinstance(draft.config, config_class):
         raise _CheckFailed(
             f"the draft's config is a {type(draft.config).__name__}, but config_class is "
-            f"{cls.config_class.__name__}: a saved draft would load with a different config class"
+            f"{config_class.__name__}: a saved draft would load with a different config class"
         )
     return draft.eval()
 
