@@ -22,6 +22,7 @@ from dspark_core import (
     hookimpl,
     resolve_dspark_draft_spec,
 )
+from dspark_core.spec import spec_reference
 
 
 def test_one_plugin_registers_two_architectures(plugin_site):
@@ -513,15 +514,17 @@ def test_conflict_hint_selectors_each_keep_exactly_one_distribution(plugin_site,
         _plugin(plugin_site, distribution, entry_points)
     with pytest.raises(DraftSpecConflictError) as info:
         resolve_dspark_draft_spec(["LlamaForCausalLM"])
-    choices = re.findall(r"DSPARK_DISABLE_PLUGINS=(\S+) keeps (\S+?)[,;]", str(info.value))
+    choices = re.findall(r"DSPARK_DISABLE_PLUGINS=(\S+) keeps plugin '[^']+' \((\S+) ", str(info.value))
     assert len(choices) == 2, str(info.value)
     kept_references = set()
-    for selector, _kept in choices:
+    for selector, kept_distribution in choices:
         monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", selector)
         DSPARK_DRAFT_REGISTRY.refresh()
         with warnings.catch_warnings():
             warnings.simplefilter("error", DSparkPluginWarning)  # a hinted selector is never ambiguous
-            kept_references.add(resolve_dspark_draft_spec(["LlamaForCausalLM"]).reference)
+            entry = DSPARK_DRAFT_REGISTRY.resolve_entry(["LlamaForCausalLM"])
+        assert entry.plugin.distribution == kept_distribution  # it keeps the one it says it keeps
+        kept_references.add(spec_reference(entry.spec))
         blocked = [p for p in DSPARK_DRAFT_REGISTRY.report().plugins if p.status == "blocked"]
         assert len(blocked) == 1, (selector, blocked)
     assert kept_references == {"fam_a:D", "fam_b:D"}

@@ -117,8 +117,7 @@ class ArchitectureEntry:
         for index, (info, _) in enumerate(self.providers):
             others = [selector for i, selector in enumerate(selectors) if i != index and selector]
             if len(others) == len(selectors) - 1:  # every other provider can be disabled
-                kept = selectors[index] or f"the in-process {info.name!r}"
-                choices.append(f"{ENV_DISABLE}={','.join(dict.fromkeys(others))} keeps {kept}")
+                choices.append(f"{ENV_DISABLE}={','.join(dict.fromkeys(others))} keeps {info.label}")
         if choices:
             hint = "Keep one with a selector that names one distribution: " + ", or ".join(choices)
             hint += "; or uninstall one"
