@@ -36,9 +36,15 @@ def test_doctor_passes_and_lists_both_qwen3_architectures() -> None:
     result = dspark("doctor")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
+    families = dict(zip(ARCHITECTURES, ("qwen3", "qwen3-moe"), strict=True))
     for architecture in ARCHITECTURES:
         expected = f"ok       {architecture} -> dspark_qwen3.modeling.Qwen3DSparkModel"
-        assert any(line.startswith(expected) and "dspark-qwen3" in line for line in lines), result.stdout
+        (line,) = [line for line in lines if line.startswith(expected)]
+        assert "dspark-qwen3" in line and "config_class Qwen3Config" in line, line
+        # A tiny draft was built from the plugin's own tiny target and ran forward and propose.
+        assert line.endswith(f"tiny draft for family {families[architecture]!r}: forward and propose ok"), (
+            line
+        )
     assert not any(line.startswith("PROBLEM") for line in lines), result.stdout
     assert lines[-1].endswith(", 0 problem(s)")
     assert int(lines[-1].split()[0]) >= 2
@@ -59,9 +65,11 @@ def test_list_json_shows_both_architectures_ok() -> None:
     assert plugin["status"] == "ok"
 
 
-@pytest.mark.parametrize("command", [("doctor",), ("list", "--json")])
-def test_without_the_plugin_the_architectures_are_absent(command: tuple[str, ...]) -> None:
-    """Sanity for the checks above: disabling the plugin removes the two architectures."""
-    result = dspark(*command, DSPARK_DISABLE_PLUGINS="qwen3")
-    assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize(("command", "code"), [(("doctor",), 1), (("list", "--json"), 0)])
+def test_without_the_plugin_the_architectures_are_absent(command: tuple[str, ...], code: int) -> None:
+    """Sanity for the checks above: disabling the plugin removes the two architectures (and doctor,
+    left with no family at all, fails)."""
+    # The allow list shuts out any other family installed here; the deny list then removes qwen3.
+    result = dspark(*command, DSPARK_PLUGINS="qwen3", DSPARK_DISABLE_PLUGINS="qwen3")
+    assert result.returncode == code, result.stdout + result.stderr
     assert not any(architecture in result.stdout for architecture in ARCHITECTURES)

@@ -295,6 +295,22 @@ def test_sglang_unservable_layers_warn(layer_ids: list[int]) -> None:
     assert str(unservable) in str(record[0].message)
 
 
+@pytest.mark.parametrize("path", ["family builder", "spec", "draft class"])
+def test_target_layer_warning_points_at_the_callers_line(path: str) -> None:
+    """Reached through apply_dspark_fields at different depths, the warning names this file."""
+    options = draft_options(target_layer_ids=[0, TARGET_LAYERS - 1])
+    builders = {
+        "family builder": build_draft_config,
+        "spec": resolve_dspark_draft_spec(["Qwen3ForCausalLM"]).build_draft_config,
+        "draft class": Qwen3DSparkModel.config_from_target,
+    }
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        builders[path](target_config(), **options)
+    (warning,) = [w for w in record if issubclass(w.category, TargetLayerWarning)]
+    assert warning.filename == __file__
+
+
 def test_servable_layers_do_not_warn_and_loading_does_not_warn_again(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", TargetLayerWarning)

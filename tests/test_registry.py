@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
 
 import pytest
 from conftest import spec_plugin_source
@@ -21,6 +22,7 @@ from dspark_core import (
     hookimpl,
     resolve_dspark_draft_spec,
 )
+from dspark_core.spec import spec_reference
 
 
 def test_one_plugin_registers_two_architectures(plugin_site):
@@ -88,7 +90,6 @@ def test_conflict_names_both_distributions_and_other_architectures_still_resolve
     assert "fam-one 1.0" in message and "fam-two 2.5" in message
     assert "DSPARK_DISABLE_PLUGINS" in message
     assert isinstance(info.value, ValueError)
-    assert "SharedForLM" not in DSPARK_DRAFT_REGISTRY
     with pytest.raises(DraftSpecConflictError):
         DSPARK_DRAFT_REGISTRY["SharedForLM"]
     assert resolve_dspark_draft_spec(["OneForLM"]).reference == "fam_one:D"
@@ -402,16 +403,15 @@ def test_in_process_registration_conflicts_unless_override(plugin_site):
         entry_points={"one": "fam_one"},
         modules={"fam_one": spec_plugin_source({"XForLM": "fam_one:D"})},
     )
-    DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Second")
-    try:
+    with DSPARK_DRAFT_REGISTRY.isolated():
+        DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Second")
         with pytest.raises(DraftSpecConflictError, match="fam-one"):
             resolve_dspark_draft_spec(["XForLM"])
         with pytest.raises(ValueError, match="override=True"):
             DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third")
         DSPARK_DRAFT_REGISTRY.register_spec("XForLM", "fam_x:Third", override=True)
         assert resolve_dspark_draft_spec(["XForLM"]).reference == "fam_x:Third"
-    finally:
-        DSPARK_DRAFT_REGISTRY._restore(([], {}, None))
+    assert resolve_dspark_draft_spec(["XForLM"]).reference == "fam_one:D"  # isolation undid both
 
 
 def test_isolation_restores_previous_state():
@@ -476,3 +476,224 @@ def test_concurrent_first_access_imports_once(tmp_path, monkeypatch):
     assert builtins.fam_slow_imports == 1 and len({id(cls) for cls in results}) == 1
     del builtins.fam_slow_imports
     sys.modules.pop("fam_slow", None)
+
+
+# -- issue 10: selectors, conflicts and hints ------------------------------------------------------
+
+
+def _plugin(plugin_site, distribution, entry_points):
+    """Install ``distribution`` with ``{entry point: {architecture: class reference}}``."""
+    modules = {}
+    for name, mapping in entry_points.items():
+        modules[f"fam_{distribution.replace('-', '_')}_{name.replace('-', '_')}"] = spec_plugin_source(
+            mapping
+        )
+    plugin_site(distribution, entry_points=dict(zip(entry_points, modules, strict=True)), modules=modules)
+
+
+#: Two layouts where a bare entry-point name blocks more than one distribution.
+CONFLICT_LAYOUTS = {
+    # The README's snippet invites `llama =`: two distributions, one entry-point name.
+    "same-entry-point": {
+        "dspark-llama": {"llama": {"LlamaForCausalLM": "fam_a:D"}},
+        "llama-drafts": {"llama": {"LlamaForCausalLM": "fam_b:D"}},
+    },
+    # One distribution's entry point is named like the other distribution.
+    "entry-point-named-like-a-distribution": {
+        "fam-x": {"fam-y": {"LlamaForCausalLM": "fam_a:D"}},
+        "fam-y": {"y": {"LlamaForCausalLM": "fam_b:D"}},
+    },
+}
+
+
+@pytest.mark.parametrize("layout", sorted(CONFLICT_LAYOUTS))
+def test_conflict_hint_selectors_each_keep_exactly_one_distribution(plugin_site, monkeypatch, layout):
+    import re
+
+    for distribution, entry_points in CONFLICT_LAYOUTS[layout].items():
+        _plugin(plugin_site, distribution, entry_points)
+    with pytest.raises(DraftSpecConflictError) as info:
+        resolve_dspark_draft_spec(["LlamaForCausalLM"])
+    choices = re.findall(r"DSPARK_DISABLE_PLUGINS=(\S+) keeps plugin '[^']+' \((\S+) ", str(info.value))
+    assert len(choices) == 2, str(info.value)
+    kept_references = set()
+    for selector, kept_distribution in choices:
+        monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", selector)
+        DSPARK_DRAFT_REGISTRY.refresh()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DSparkPluginWarning)  # a hinted selector is never ambiguous
+            entry = DSPARK_DRAFT_REGISTRY.resolve_entry(["LlamaForCausalLM"])
+        assert entry.plugin.distribution == kept_distribution  # it keeps the one it says it keeps
+        kept_references.add(spec_reference(entry.spec))
+        blocked = [p for p in DSPARK_DRAFT_REGISTRY.report().plugins if p.status == "blocked"]
+        assert len(blocked) == 1, (selector, blocked)
+    assert kept_references == {"fam_a:D", "fam_b:D"}
+
+
+def test_an_entry_point_name_matching_several_distributions_warns(plugin_site, monkeypatch):
+    for distribution, entry_points in CONFLICT_LAYOUTS["same-entry-point"].items():
+        _plugin(plugin_site, distribution, entry_points)
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "llama")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with pytest.warns(DSparkPluginWarning, match="matches plugins of 2 distributions") as record:
+        assert "LlamaForCausalLM" not in DSPARK_DRAFT_REGISTRY  # it blocked both
+    message = str(record[0].message)
+    assert "dspark-llama 1.0" in message and "llama-drafts 1.0" in message
+    assert "distribution:entry-point" in message
+    assert DSPARK_DRAFT_REGISTRY.report().ambiguous_selection == ["llama"]
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "llama-drafts")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DSparkPluginWarning)
+        assert resolve_dspark_draft_spec(["LlamaForCausalLM"]).reference == "fam_a:D"
+    assert DSPARK_DRAFT_REGISTRY.report().ambiguous_selection == []
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("DSPARK_DISABLE_PLUGINS", "fam-multi:second", ["FirstForLM"]),
+        ("DSPARK_DISABLE_PLUGINS", " fam_multi : SECOND ,", ["FirstForLM"]),
+        ("DSPARK_PLUGINS", "fam-multi:first", ["FirstForLM"]),
+        ("DSPARK_PLUGINS", "fam-multi", ["FirstForLM", "SecondForLM"]),
+    ],
+)
+def test_distribution_colon_entry_point_selects_one_entry_point(
+    plugin_site, monkeypatch, variable, value, expected
+):
+    _plugin(
+        plugin_site, "fam-multi", {"first": {"FirstForLM": "fam_m:A"}, "second": {"SecondForLM": "fam_m:B"}}
+    )
+    monkeypatch.setenv(variable, value)
+    DSPARK_DRAFT_REGISTRY.refresh()
+    names = sorted(n for n in DSPARK_DRAFT_REGISTRY if n in ("FirstForLM", "SecondForLM"))
+    assert names == expected
+    assert DSPARK_DRAFT_REGISTRY.report().unknown_selection == []
+    if "SecondForLM" not in expected:
+        assert "fam_fam_multi_second" not in sys.modules
+
+
+def test_unknown_distribution_colon_entry_point_warns(plugin_site, monkeypatch):
+    _plugin(plugin_site, "fam-multi", {"first": {"FirstForLM": "fam_m:A"}})
+    monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "fam-multi:typo")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with pytest.warns(DSparkPluginWarning, match="'fam-multi:typo', which matches no installed"):
+        assert "FirstForLM" in DSPARK_DRAFT_REGISTRY
+
+
+def test_in_iteration_len_getitem_and_not_found_agree_on_a_conflict(plugin_site):
+    _plugin(plugin_site, "fam-one", {"one": {"SharedForLM": "fam_one:D", "OneForLM": "fam_one:D"}})
+    _plugin(plugin_site, "fam-two", {"two": {"SharedForLM": "fam_two:D"}})
+    registry = DSPARK_DRAFT_REGISTRY
+    # Present but unresolvable: listed and counted, but it has no spec to return.
+    assert "SharedForLM" in registry
+    assert "SharedForLM" in list(registry) and len(registry) == len(list(registry))
+    assert registry.report().entries["SharedForLM"].status == "conflict"
+    with pytest.raises(DraftSpecConflictError, match="fam-one"):
+        registry["SharedForLM"]
+    with pytest.raises(DraftSpecConflictError):
+        registry.resolve(["SharedForLM", "OneForLM"])  # found first, so its conflict is the answer
+    with pytest.raises(DraftSpecNotFoundError) as info:
+        registry.resolve(["NopeForLM"])
+    message = str(info.value)
+    supported = message.split("Supported architectures:")[1].split(".")[0]
+    assert "OneForLM" in supported and "SharedForLM" not in supported
+    assert "Registered but unresolvable (plugins conflict): SharedForLM" in message
+
+
+def test_strict_error_puts_each_failure_on_its_own_line(plugin_site, monkeypatch):
+    plugin_site("fam-broken1", entry_points={"broken1": "fam_broken1"}, modules={"fam_broken1": "1/0\n"})
+    source = "raise ImportError('first line\\nsecond line')\n"
+    plugin_site("fam-broken2", entry_points={"broken2": "fam_broken2"}, modules={"fam_broken2": source})
+    monkeypatch.setenv("DSPARK_STRICT_PLUGINS", "1")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with pytest.raises(PluginLoadError) as info:
+        len(DSPARK_DRAFT_REGISTRY)
+    lines = str(info.value).splitlines()
+    one = [line for line in lines if "fam-broken1" in line]
+    two = [line for line in lines if "fam-broken2" in line]
+    assert len(one) == 1 and len(two) == 1 and one != two
+    assert "ZeroDivisionError" in one[0] and "first line second line" in two[0]
+    # Listing tools can still read every failure.
+    assert len(DSPARK_DRAFT_REGISTRY.report(strict=False).failures) >= 2
+
+
+def _llama(plugin_site, broken=False):
+    source = "raise ImportError('needs fam_llama_dependency')\n" if broken else None
+    plugin_site(
+        "dspark-llama",
+        entry_points={"llama": "fam_llama"},
+        modules={"fam_llama": source or spec_plugin_source({"LlamaForCausalLM": "fam_llama:D"})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "expected", "absent"),
+    [
+        (
+            "not installed",
+            ["No installed plugin provides it", "pip install dspark-llama"],
+            ["failed", "blocked"],
+        ),
+        (
+            "failed",
+            ["installed but failed to load", "needs fam_llama_dependency", "dspark-llama"],
+            ["pip install"],
+        ),
+        ("disabled", ["installed but blocked", "remove it from DSPARK_DISABLE_PLUGINS"], ["pip install"]),
+        ("not selected", ["installed but blocked", "add dspark-llama to DSPARK_PLUGINS"], ["pip install"]),
+    ],
+)
+def test_not_found_hint_tells_missing_failed_and_blocked_apart(
+    plugin_site, monkeypatch, case, expected, absent
+):
+    _other_plugin(plugin_site)
+    if case != "not installed":
+        _llama(plugin_site, broken=case == "failed")
+    if case == "disabled":
+        monkeypatch.setenv("DSPARK_DISABLE_PLUGINS", "llama")
+    if case == "not selected":
+        monkeypatch.setenv("DSPARK_PLUGINS", "good")
+    DSPARK_DRAFT_REGISTRY.refresh()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DSparkPluginWarning)
+        with pytest.raises(DraftSpecNotFoundError) as info:
+            resolve_dspark_draft_spec(["LlamaForCausalLM"])
+    message = str(info.value)
+    for text in expected:
+        assert text in message, (text, message)
+    hint = message.split("Supported architectures:")[1]
+    for text in absent:
+        assert text not in hint, (text, message)
+
+
+def test_plugin_warnings_point_at_the_callers_frame(plugin_site):
+    _other_plugin(plugin_site)
+    plugin_site("fam-broken", entry_points={"broken": "fam_broken"}, modules={"fam_broken": "1/0\n"})
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert resolve_dspark_draft_spec(["GoodForLM"]).reference == "fam_good:D"
+    (warning,) = [w for w in record if issubclass(w.category, DSparkPluginWarning)]
+    assert warning.filename == __file__
+
+
+def test_cli_doctor_and_testing_use_only_the_registrys_public_api():
+    """Issue 10 item 6: no underscore names imported from the registry, no private attributes read."""
+    import ast
+    from pathlib import Path
+
+    package = Path(dspark_core.__file__).parent
+    files = [*sorted((package / "cli").glob("*.py")), package / "testing.py", package / "doctor.py"]
+    files = [path for path in files if path.exists()]
+    members = [*vars(DSPARK_DRAFT_REGISTRY), *vars(type(DSPARK_DRAFT_REGISTRY))]
+    private = {name for name in members if name.startswith("_") and not name.startswith("__")}
+    assert {"_lock", "_autoload"} <= private  # the check below knows what to look for
+    offences = []
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dspark_core"):
+                offences += [f"{path.name}: imports {a.name}" for a in node.names if a.name.startswith("_")]
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                offences.append(f"{path.name}:{node.lineno}: reads .{node.attr}")
+    assert offences == []

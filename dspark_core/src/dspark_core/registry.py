@@ -4,7 +4,11 @@ Discovery reads the ``dspark.drafts`` entry points of every installed distributi
 selected plugin modules into a pluggy ``PluginManager``, calls each plugin's
 ``dspark_draft_specs`` hook separately and merges the answers. It never imports model code:
 specs name their classes lazily. A plugin that fails is recorded and skipped (or, with
-``DSPARK_STRICT_PLUGINS=1``, raised), so one broken plugin cannot take the host down.
+``DSPARK_STRICT_PLUGINS=1``, raised on lookup), so one broken plugin cannot take the host down.
+
+Selection (``DSPARK_DISABLE_PLUGINS`` / ``DSPARK_PLUGINS``) names an entry point, a distribution, or
+``distribution:entry-point``; the last two pick exactly one distribution, which is what conflict
+hints suggest. A name that matches nothing, or several distributions, is warned about.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ import importlib.metadata as metadata
 import os
 import re
 import threading
-import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from types import ModuleType, SimpleNamespace
 from typing import Any, Literal
 
@@ -29,8 +33,9 @@ from dspark_core.errors import (
     DraftSpecNotFoundError,
     DSparkPluginWarning,
     PluginLoadError,
+    warn_at_caller,
 )
-from dspark_core.spec import DraftSpec, DSparkDraftSpec
+from dspark_core.spec import DraftSpec, DSparkDraftSpec, spec_reference
 
 ENV_DISABLE = "DSPARK_DISABLE_PLUGINS"
 ENV_ALLOW = "DSPARK_PLUGINS"
@@ -52,6 +57,8 @@ class PluginInfo:
     version: str | None
     value: str | None
     status: PluginStatus = "ok"
+    #: For a blocked plugin, the variable that blocked it (``DSPARK_DISABLE_PLUGINS`` or ``DSPARK_PLUGINS``).
+    blocked_by: str | None = None
 
     @property
     def label(self) -> str:
@@ -71,7 +78,7 @@ class PluginFailure:
 
     def __str__(self) -> str:
         where = f" = {self.plugin.value}" if self.plugin.value else ""
-        return f"{self.plugin.label}{where}: {self.stage} failed: {self.error}"
+        return f"{self.plugin.label}{where}: {self.stage} failed: {' '.join(self.error.split())}"
 
 
 @dataclass(frozen=True)
@@ -81,18 +88,49 @@ class ArchitectureEntry:
     architecture: str
     providers: tuple[tuple[PluginInfo, DraftSpec], ...]
     status: EntryStatus
+    #: Per provider, a ``DSPARK_DISABLE_PLUGINS`` selector matching its plugin alone among the
+    #: installed ones (``None`` for in-process plugins, which the variables do not affect).
+    selectors: tuple[str | None, ...] = ()
 
     @property
     def spec(self) -> DraftSpec:
         """The resolved spec; raises the conflict error if plugins disagree."""
         if self.status == "conflict":
-            raise DraftSpecConflictError(_conflict_message(self))
+            raise DraftSpecConflictError(self.conflict_message())
         return self.providers[0][1]
 
     @property
     def plugin(self) -> PluginInfo:
         """The plugin whose spec is used."""
         return self.providers[0][0]
+
+    @property
+    def reference(self) -> str:
+        """The ``"module:Class"`` of the spec used (the first provider's on a conflict)."""
+        return spec_reference(self.providers[0][1])
+
+    def conflict_message(self) -> str:
+        """What conflicts, and for each provider the selector that keeps it alone."""
+        sides = "; ".join(f"{info.label} -> {spec_reference(spec)}" for info, spec in self.providers)
+        selectors = list(self.selectors) or [None] * len(self.providers)
+        choices = []
+        for index, (info, _) in enumerate(self.providers):
+            others = [selector for i, selector in enumerate(selectors) if i != index and selector]
+            if len(others) == len(selectors) - 1:  # every other provider can be disabled
+                choices.append(f"{ENV_DISABLE}={','.join(dict.fromkeys(others))} keeps {info.label}")
+        if choices:
+            hint = "Keep one with a selector that names one distribution: " + ", or ".join(choices)
+            hint += "; or uninstall one"
+        else:
+            hint = "Uninstall one, or unregister the in-process plugin"
+        if any(info.distribution is None for info, _ in self.providers):
+            hint += (
+                " (an in-process registration can replace the others with register_spec(..., override=True))"
+            )
+        return (
+            f"architecture {self.architecture!r} is registered with different draft specs by several "
+            f"plugins: {sides}. {hint}."
+        )
 
 
 @dataclass
@@ -103,7 +141,13 @@ class DiscoveryReport:
     plugins: list[PluginInfo] = field(default_factory=list)
     failures: list[PluginFailure] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)
+    #: Names in the selection variables that match no installed plugin / several distributions.
     unknown_selection: list[str] = field(default_factory=list)
+    ambiguous_selection: list[str] = field(default_factory=list)
+    #: One message per unknown or ambiguous name, as warned (the CLI prints them on stderr).
+    selection_warnings: list[str] = field(default_factory=list)
+    #: False when entry points were not loaded (``DSPARK_DISABLE_PLUGIN_AUTOLOAD`` or isolation).
+    autoload: bool = True
     #: The plugin manager holding every loaded plugin, for the other hooks (``tiny_target_builders``).
     manager: pluggy.PluginManager | None = None
 
@@ -112,9 +156,43 @@ def _normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _name_list(variable: str) -> set[str]:
+def _name_list(variable: str) -> frozenset[str]:
     raw = os.environ.get(variable, "")
-    return {_normalise(part.strip()) for part in raw.split(",") if part.strip()}
+    return frozenset(
+        ":".join(_normalise(side.strip()) for side in part.split(":", 1))
+        for part in raw.split(",")
+        if part.strip()
+    )
+
+
+def _selectors(distribution_key: str, entry_point: str) -> set[str]:
+    """Every selection name that matches this entry point."""
+    name = _normalise(entry_point)
+    return {name, distribution_key, f"{distribution_key}:{name}"}
+
+
+@dataclass(frozen=True)
+class _Selection:
+    deny: frozenset[str]
+    allow: frozenset[str]
+
+    @classmethod
+    def from_env(cls) -> _Selection:
+        return cls(_name_list(ENV_DISABLE), _name_list(ENV_ALLOW))
+
+    @property
+    def names(self) -> frozenset[str]:
+        return self.deny | self.allow
+
+    def blocked_by(self, selectors: set[str]) -> str | None:
+        if selectors & self.deny:
+            return ENV_DISABLE
+        if self.allow and not selectors & self.allow:
+            return ENV_ALLOW
+        return None
+
+    def variable(self, name: str) -> str:
+        return ENV_DISABLE if name in self.deny else ENV_ALLOW
 
 
 def _name_and_version(dist: metadata.Distribution) -> tuple[str, str]:
@@ -137,20 +215,34 @@ def _flag(variable: str) -> bool:
     return os.environ.get(variable, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _spec_reference(spec: DraftSpec) -> str:
-    if isinstance(spec, DSparkDraftSpec):
-        return spec.reference
-    return f"{type(spec).__module__}:{type(spec).__qualname__}"
+def strict_mode() -> bool:
+    """Whether ``DSPARK_STRICT_PLUGINS`` is set: plugin failures are errors on lookup."""
+    return _flag(ENV_STRICT)
 
 
-def _conflict_message(entry: ArchitectureEntry) -> str:
-    sides = "; ".join(f"{info.label} -> {_spec_reference(spec)}" for info, spec in entry.providers)
-    names = ", ".join(sorted({info.name for info, _ in entry.providers}))
+def strict_failure_message(failures: Sequence[PluginFailure]) -> str:
+    """The ``DSPARK_STRICT_PLUGINS`` error: one failed plugin per line."""
+    details = "".join(f"\n  {failure}" for failure in failures)
     return (
-        f"architecture {entry.architecture!r} is registered with different draft specs by several "
-        f"plugins: {sides}. Choose one by disabling the others, e.g. "
-        f"{ENV_DISABLE}=<entry-point or distribution name> (candidates: {names}), or uninstall one."
+        f"{len(failures)} dspark plugin(s) failed to load and {ENV_STRICT} is set:{details}\n"
+        f"Fix or uninstall them, or exclude them with {ENV_DISABLE}=<name> (see `dspark list`)."
     )
+
+
+def _provider_selector(
+    info: PluginInfo, providers: Sequence[tuple[PluginInfo, DraftSpec]], plugins: Sequence[PluginInfo]
+) -> str | None:
+    # The distribution name, unless another distribution has an entry point of that name or the
+    # same distribution is on both sides; then distribution:entry-point, which is always unique.
+    if info.distribution is None:
+        return None
+    dist = _normalise(info.distribution)
+    shadowed = any(
+        p.distribution is not None and _normalise(p.name) == dist and _normalise(p.distribution) != dist
+        for p in plugins
+    )
+    rivals = sum(1 for other, _ in providers if other.distribution and _normalise(other.distribution) == dist)
+    return f"{info.distribution}:{info.name}" if shadowed or rivals > 1 else info.distribution
 
 
 def _looks_like_spec(value: object) -> bool:
@@ -166,9 +258,11 @@ def _looks_like_spec(value: object) -> bool:
 class DraftRegistry(Mapping[str, DraftSpec]):
     """A read-only mapping from target architecture to draft spec, discovered lazily.
 
-    Only architectures that resolve cleanly are in the mapping; a conflicted architecture is left
-    out of iteration and ``in``, and looking it up raises :class:`DraftSpecConflictError`.
-    Register plugins at run time with :meth:`register_plugin` or :meth:`register_spec`.
+    Every architecture a plugin registers is in the mapping. One that several plugins register with
+    different specs is *present but unresolvable*: it is in ``in``, iteration and ``len``, and
+    ``[]`` or :meth:`resolve` raise :class:`DraftSpecConflictError` (so ``dict(registry)`` does too);
+    the not-found message lists it apart from the supported ones. Register plugins at run time with
+    :meth:`register_plugin` or :meth:`register_spec`.
     """
 
     def __init__(self) -> None:
@@ -191,13 +285,21 @@ class DraftRegistry(Mapping[str, DraftSpec]):
 
     # -- discovery ---------------------------------------------------------------------------
 
-    def report(self) -> DiscoveryReport:
-        """The result of discovery, running it once per process (again in a forked child)."""
+    def report(self, *, strict: bool | None = None) -> DiscoveryReport:
+        """The result of discovery, running it once per process (again in a forked child).
+
+        With ``strict`` (default: ``DSPARK_STRICT_PLUGINS``) any plugin failure raises
+        :class:`PluginLoadError`, one failure per line; ``strict=False`` always returns the report,
+        which is how ``dspark list`` shows every failure in strict mode.
+        """
         with self._lock:
             if self._report is None or self._pid != os.getpid():
                 report = self._discover()
                 self._report, self._pid = report, os.getpid()
-            return self._report
+            report = self._report
+        if (_flag(ENV_STRICT) if strict is None else strict) and report.failures:
+            raise PluginLoadError(strict_failure_message(report.failures))
+        return report
 
     def refresh(self) -> None:
         """Forget what was discovered, so the next lookup rescans installed distributions."""
@@ -211,8 +313,8 @@ class DraftRegistry(Mapping[str, DraftSpec]):
         manager.add_hookspecs(hookspecs)
         infos: dict[str, PluginInfo] = {}
 
-        autoload = self._autoload if self._autoload is not None else not _flag(ENV_NO_AUTOLOAD)
-        if autoload:
+        report.autoload = self._autoload if self._autoload is not None else not _flag(ENV_NO_AUTOLOAD)
+        if report.autoload:
             self._load_entry_points(manager, infos, report)
         for name, plugin in self._in_process:
             info = PluginInfo(name=name, distribution=None, version=None, value=None)
@@ -230,26 +332,20 @@ class DraftRegistry(Mapping[str, DraftSpec]):
             if specs is not None:
                 answers.append((info, specs))
 
-        self._merge(answers, report)
-        report.manager = manager
         failed = {(f.plugin.name, f.plugin.distribution) for f in report.failures}
         blocked = report.plugins
         report.plugins = [
             _with_status(p, "failed" if (p.name, p.distribution) in failed else "ok") for p in infos.values()
         ] + blocked
-        if _flag(ENV_STRICT) and report.failures:
-            details = "\n  ".join(str(failure) for failure in report.failures)
-            raise PluginLoadError(
-                f"{len(report.failures)} dspark plugin(s) failed to load and {ENV_STRICT} is set:\n  "
-                f"{details}\nFix or uninstall them, or exclude them with {ENV_DISABLE}=<name>."
-            )
+        self._merge(answers, report)
+        report.manager = manager
         return report
 
     def _load_entry_points(
         self, manager: pluggy.PluginManager, infos: dict[str, PluginInfo], report: DiscoveryReport
     ) -> None:
-        deny, allow = _name_list(ENV_DISABLE), _name_list(ENV_ALLOW)
-        matched: set[str] = set()
+        selection = _Selection.from_env()
+        hits: dict[str, set[str]] = {name: set() for name in selection.names}
         seen: set[str] = set()
         for dist in metadata.distributions():
             group = dist.entry_points.select(group=hookspecs.ENTRY_POINT_GROUP)
@@ -265,35 +361,65 @@ class DraftRegistry(Mapping[str, DraftSpec]):
             seen.add(key)
             for ep in group:
                 info = PluginInfo(name=ep.name, distribution=dist_name, version=version, value=ep.value)
-                names = {_normalise(ep.name), key}
-                matched |= names & (deny | allow)
-                if names & deny or (allow and not names & allow):
-                    report.plugins.append(_with_status(info, "blocked"))
+                selectors = _selectors(key, ep.name)
+                for name in selectors & selection.names:
+                    hits[name].add(f"{dist_name} {version}")
+                blocked_by = selection.blocked_by(selectors)
+                if blocked_by is not None:
+                    report.plugins.append(replace(info, status="blocked", blocked_by=blocked_by))
                     continue
-                if not _MODULE_PATH.match(ep.value.strip()):
-                    self._fail(
-                        report,
-                        info,
-                        "entry-point",
-                        f"malformed value {ep.value!r}; a dspark.drafts entry point names a module, "
-                        "e.g. 'dspark_family.plugin'",
-                    )
-                    infos[f"ep:{key}:{ep.name}"] = info
-                    continue
-                try:
-                    plugin = ep.load()
-                except Exception as exc:
-                    self._fail(report, info, "import", f"{type(exc).__name__}: {exc}")
-                    infos[f"ep:{key}:{ep.name}"] = info
-                    continue
-                self._register(manager, f"ep:{key}:{ep.name}", plugin, info, infos, report)
-        report.unknown_selection = sorted((deny | allow) - matched)
-        for name in report.unknown_selection:
-            self._warn_once(
-                f"selection:{name}",
-                f"{ENV_DISABLE}/{ENV_ALLOW} names {name!r}, which matches no installed dspark plugin "
-                "(give an entry-point name or a distribution name; see `dspark list`)",
+                self._load_entry_point(manager, f"ep:{key}:{ep.name}", ep, info, infos, report)
+        self._check_selection(selection, hits, report)
+
+    def _load_entry_point(
+        self,
+        manager: pluggy.PluginManager,
+        key: str,
+        ep: metadata.EntryPoint,
+        info: PluginInfo,
+        infos: dict[str, PluginInfo],
+        report: DiscoveryReport,
+    ) -> None:
+        if not _MODULE_PATH.match(ep.value.strip()):
+            self._fail(
+                report,
+                info,
+                "entry-point",
+                f"malformed value {ep.value!r}; a dspark.drafts entry point names a module, "
+                "e.g. 'dspark_family.plugin'",
             )
+            infos[key] = info
+            return
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            self._fail(report, info, "import", f"{type(exc).__name__}: {exc}")
+            infos[key] = info
+            return
+        self._register(manager, key, plugin, info, infos, report)
+
+    def _check_selection(
+        self, selection: _Selection, hits: dict[str, set[str]], report: DiscoveryReport
+    ) -> None:
+        for name in sorted(hits):
+            variable, matched = selection.variable(name), sorted(hits[name])
+            if not matched:
+                report.unknown_selection.append(name)
+                message = (
+                    f"{variable} names {name!r}, which matches no installed dspark plugin (give an "
+                    "entry-point name, a distribution name or distribution:entry-point; see `dspark list`)"
+                )
+            elif len(matched) > 1:
+                report.ambiguous_selection.append(name)
+                message = (
+                    f"{variable} names {name!r}, which matches plugins of {len(matched)} distributions "
+                    f"({', '.join(matched)}); name one distribution, or write distribution:entry-point, "
+                    "to pick one"
+                )
+            else:
+                continue
+            report.selection_warnings.append(message)
+            self._warn_once(message, message)
 
     def _register(
         self,
@@ -355,19 +481,21 @@ class DraftRegistry(Mapping[str, DraftSpec]):
         for architecture, (info, spec) in self._overrides.items():
             providers[architecture] = [(info, spec)]
         for architecture, found in providers.items():
-            distinct = {_spec_reference(spec) for _, spec in found}
+            distinct = {spec_reference(spec) for _, spec in found}
             status: EntryStatus = "ok" if len(distinct) == 1 else "conflict"
-            report.entries[architecture] = ArchitectureEntry(architecture, tuple(found), status)
+            selectors = tuple(_provider_selector(info, found, report.plugins) for info, _ in found)
+            report.entries[architecture] = ArchitectureEntry(architecture, tuple(found), status, selectors)
 
     def _fail(self, report: DiscoveryReport, info: PluginInfo, stage: Any, error: str) -> None:
         failure = PluginFailure(plugin=_with_status(info, "failed"), stage=stage, error=error)
         report.failures.append(failure)
-        self._warn_once(str(failure), f"skipping dspark {failure}")
+        if not _flag(ENV_STRICT):  # in strict mode the failure is raised on lookup instead
+            self._warn_once(str(failure), f"skipping dspark {failure}")
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned and not _flag(ENV_STRICT):
+        if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, DSparkPluginWarning, stacklevel=4)
+            warn_at_caller(message, DSparkPluginWarning)
 
     # -- in-process registration -------------------------------------------------------------
 
@@ -419,12 +547,23 @@ class DraftRegistry(Mapping[str, DraftSpec]):
                 raise KeyError(f"no in-process dspark plugin named {name!r}")
             self._report = None
 
-    def _snapshot(self) -> tuple[Any, ...]:
-        return (list(self._in_process), dict(self._overrides), self._autoload)
+    @contextmanager
+    def isolated(self, *, autoload: bool | None = None) -> Iterator[DraftRegistry]:
+        """A block whose in-process registrations (and overrides) are undone when it ends.
 
-    def _restore(self, state: tuple[Any, ...]) -> None:
-        self._in_process, self._overrides, self._autoload = state[0], state[1], state[2]
-        self._report = None
+        ``autoload=False`` hides installed entry points inside it; ``None`` follows
+        ``DSPARK_DISABLE_PLUGIN_AUTOLOAD``. Discovery is redone on entry and exit.
+        """
+        with self._lock:
+            saved = (list(self._in_process), dict(self._overrides), self._autoload)
+            self._autoload = autoload
+            self.refresh()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._in_process, self._overrides, self._autoload = saved
+                self.refresh()
 
     # -- Mapping -----------------------------------------------------------------------------
 
@@ -435,15 +574,13 @@ class DraftRegistry(Mapping[str, DraftSpec]):
         return entry.spec
 
     def __contains__(self, architecture: object) -> bool:
-        entry = self.report().entries.get(architecture) if isinstance(architecture, str) else None
-        return entry is not None and entry.status == "ok"
+        return isinstance(architecture, str) and architecture in self.report().entries
 
     def __iter__(self) -> Iterator[str]:
-        entries = self.report().entries
-        return iter([name for name, entry in entries.items() if entry.status == "ok"])
+        return iter(list(self.report().entries))
 
     def __len__(self) -> int:
-        return sum(1 for entry in self.report().entries.values() if entry.status == "ok")
+        return len(self.report().entries)
 
     def __setitem__(self, key: str, value: object) -> None:
         raise TypeError(
@@ -482,7 +619,7 @@ def _reset_in_child(owner: weakref.ReferenceType[DraftRegistry]) -> None:
 
 
 def _with_status(info: PluginInfo, status: PluginStatus = "failed") -> PluginInfo:
-    return PluginInfo(info.name, info.distribution, info.version, info.value, status)
+    return replace(info, status=status)
 
 
 def _single_spec_plugin(architecture: str, spec: DraftSpec) -> object:
@@ -516,21 +653,64 @@ def _family_guess(architecture: str) -> str:
 
 
 def _not_found_message(names: list[str], report: DiscoveryReport) -> str:
-    supported = sorted(report.entries) or ["none"]
+    supported = sorted(a for a, entry in report.entries.items() if entry.status == "ok") or ["none"]
     lines = [
         f"no DSpark draft is registered for architectures {names}.",
         f"Supported architectures: {', '.join(supported)}.",
     ]
-    if report.failures:
-        lines.append("Plugins that failed to load: " + "; ".join(str(f) for f in report.failures) + ".")
-    blocked = [p.label for p in report.plugins if p.status == "blocked"]
-    if blocked:
-        lines.append(f"Plugins blocked by {ENV_DISABLE}/{ENV_ALLOW}: {', '.join(blocked)}.")
-    lines.append(
-        f"Install the family's plugin, usually `pip install dspark-<family>` "
-        f"(e.g. `pip install dspark-{_family_guess(names[0])}`), then retry."
-    )
+    conflicting = sorted(a for a, entry in report.entries.items() if entry.status == "conflict")
+    if conflicting:
+        lines.append(f"Registered but unresolvable (plugins conflict): {', '.join(conflicting)}.")
+    if not report.autoload:
+        lines.append(
+            f"Installed plugins were not loaded ({ENV_NO_AUTOLOAD} is set, or the registry is isolated)."
+        )
+    lines.append(_missing_plugin_hint(names[0], report))
     return " ".join(lines)
+
+
+def _missing_plugin_hint(architecture: str, report: DiscoveryReport) -> str:
+    """Not installed, failed to load, or blocked: each has its own fix."""
+    family = _family_guess(architecture)
+
+    def likely(info: PluginInfo) -> bool:  # the plugin's names mention the family
+        return family != "<family>" and family in _normalise(f"{info.name}-{info.distribution}").replace(
+            "-", ""
+        )
+
+    failed = [f for f in report.failures if likely(f.plugin)]
+    if failed:
+        return (
+            "Its plugin is installed but failed to load: " + "; ".join(str(f) for f in failed) + ". Fix it "
+            "(`dspark list` shows every failure), then retry."
+        )
+    blocked = [p for p in report.plugins if p.status == "blocked" and likely(p)]
+    if blocked:
+        fixes = "; ".join(f"{p.label} by {p.blocked_by} ({_unblock(p)})" for p in blocked)
+        return f"Its plugin is installed but blocked: {fixes}."
+    parts = []
+    if report.failures:
+        failures = "; ".join(str(f) for f in report.failures)
+        parts.append(f"Plugins that failed to load (one may provide it; fix it, then retry): {failures}.")
+    others = [p for p in report.plugins if p.status == "blocked"]
+    if others:
+        parts.append(
+            "Plugins blocked by selection: " + "; ".join(f"{p.label} ({_unblock(p)})" for p in others) + "."
+        )
+    install = (
+        "install the family's plugin, usually `pip install dspark-<family>` "
+        f"(e.g. `pip install dspark-{family}`), then retry."
+    )
+    parts.append(
+        ("If none of them provides it, " if parts else "No installed plugin provides it: ") + install
+    )
+    return " ".join(parts)
+
+
+def _unblock(info: PluginInfo) -> str:
+    if info.blocked_by == ENV_DISABLE:
+        return f"remove it from {ENV_DISABLE}"
+    return f"add {info.distribution or info.name} to {ENV_ALLOW}"
 
 
 DSPARK_DRAFT_REGISTRY = DraftRegistry()

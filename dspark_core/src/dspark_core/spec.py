@@ -149,3 +149,10 @@ class DSparkDraftSpec:
 
     def __repr__(self) -> str:
         return f"DSparkDraftSpec({self._reference!r})"
+
+
+def spec_reference(spec: DraftSpec) -> str:
+    """The ``"module:Class"`` a spec names, without importing it (any :class:`DraftSpec`)."""
+    if isinstance(spec, DSparkDraftSpec):
+        return spec.reference
+    return f"{type(spec).__module__}:{type(spec).__qualname__}"

@@ -15,14 +15,5 @@ def isolated_registry(*, autoload: bool | None = None) -> Iterator[DraftRegistry
     ``autoload=False`` hides installed entry points, so only what the block registers is seen;
     ``None`` follows ``DSPARK_DISABLE_PLUGIN_AUTOLOAD``. Discovery is redone on entry and exit.
     """
-    registry = DSPARK_DRAFT_REGISTRY
-    with registry._lock:
-        saved = registry._snapshot()
-        registry._autoload = autoload
-        registry.refresh()
-    try:
+    with DSPARK_DRAFT_REGISTRY.isolated(autoload=autoload) as registry:
         yield registry
-    finally:
-        with registry._lock:
-            registry._restore(saved)
-            registry.refresh()

@@ -11,7 +11,9 @@ import importlib
 import os
 import sys
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from dspark_core.errors import DSparkError
 
@@ -60,6 +62,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_requested_command(arguments))
     args = parser.parse_args(arguments)
+    with warnings.catch_warnings():
+        # Plugins' and libraries' warnings reach the user as one line each, not Python's two-line form.
+        warnings.showwarning = one_line_showwarning(verbose=args.verbose)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         code: int = args.run(args)
         return code
@@ -83,7 +92,13 @@ _USER_ERRORS = (DSparkError, ValueError, TypeError, OSError, ImportError, EOFErr
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line for ``exc``: the message for a user error, or an invitation to report an internal one."""
+    """One line for ``exc``: the message for a user error, or an invitation to report an internal one.
+
+    A :class:`DSparkError` marked ``multiline`` (several failed plugins) keeps one item per line.
+    """
+    if isinstance(exc, DSparkError) and exc.multiline:
+        lines = [" ".join(line.split()) for line in str(exc).splitlines() if line.strip()]
+        return "error: " + "\n  ".join(lines)
     message = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, _USER_ERRORS):
         return f"error: {message}"
@@ -91,3 +106,32 @@ def describe_error(exc: BaseException) -> str:
         f"internal error: {type(exc).__name__}: {message}. This is a bug in dspark: please report it with "
         "the output of the same command run with --verbose"
     )
+
+
+def format_warning(category: type[Warning], message: object) -> str:
+    """``warning: <Category>: <message>`` on one line."""
+    return f"warning: {category.__name__}: {' '.join(str(message).split())}"
+
+
+def print_warning(category: type[Warning], message: object) -> None:
+    """Print a warning the CLI reports itself (e.g. from a discovery report) as :func:`format_warning`."""
+    print(format_warning(category, message), file=sys.stderr)
+
+
+def one_line_showwarning(*, verbose: bool = False) -> Callable[..., None]:
+    """A ``warnings.showwarning`` printing :func:`format_warning`; ``verbose`` adds where it came from."""
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
+        del line
+        text = format_warning(category, message) + (f" ({filename}:{lineno})" if verbose else "")
+        stream: Any = file if file is not None else sys.stderr
+        print(text, file=stream)
+
+    return show

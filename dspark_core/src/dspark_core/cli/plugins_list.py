@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from typing import Any
 
+from dspark_core.cli import print_warning
 from dspark_core.errors import DSparkPluginWarning
-from dspark_core.registry import DSPARK_DRAFT_REGISTRY, DiscoveryReport, PluginInfo, _spec_reference
+from dspark_core.registry import (
+    DSPARK_DRAFT_REGISTRY,
+    DiscoveryReport,
+    PluginInfo,
+    strict_failure_message,
+    strict_mode,
+)
+from dspark_core.spec import spec_reference
 
 HELP = "list registered architectures, their draft classes and plugin status"
 
@@ -18,10 +27,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def discovery_report() -> DiscoveryReport:
-    # The failures are shown in the output, so the per-failure warnings would only repeat them.
+    """The report, whatever ``DSPARK_STRICT_PLUGINS`` says, with each selection warning on stderr.
+
+    The commands show the failures themselves, so the per-failure warnings would only repeat them.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DSparkPluginWarning)
-        return DSPARK_DRAFT_REGISTRY.report()
+        report = DSPARK_DRAFT_REGISTRY.report(strict=False)
+    for message in report.selection_warnings:
+        print_warning(DSparkPluginWarning, message)
+    return report
+
+
+def strict_exit(report: DiscoveryReport, command: str) -> int:
+    """1, with the strict-mode error, when ``DSPARK_STRICT_PLUGINS`` is set and a plugin failed."""
+    if not (strict_mode() and report.failures):
+        return 0
+    lines = strict_failure_message(report.failures).splitlines()
+    print(f"dspark {command}: error: {lines[0]}", file=sys.stderr)
+    for line in lines[1:]:
+        print(f"  {line.strip()}", file=sys.stderr)
+    return 1
 
 
 def _plugin_json(info: PluginInfo) -> dict[str, Any]:
@@ -43,7 +69,7 @@ def report_rows(report: DiscoveryReport) -> list[dict[str, Any]]:
             rows.append(
                 {
                     "architecture": entry.architecture,
-                    "draft_class": _spec_reference(spec),
+                    "draft_class": spec_reference(spec),
                     **_plugin_json(info),
                 }
                 | {"status": status}
@@ -66,9 +92,11 @@ def run(args: argparse.Namespace) -> int:
             ],
             "duplicates": report.duplicates,
             "unknown_selection": report.unknown_selection,
+            "ambiguous_selection": report.ambiguous_selection,
+            "selection_warnings": report.selection_warnings,
         }
         print(json.dumps(payload, indent=2))
-        return 0
+        return strict_exit(report, "list")
     header = ("ARCHITECTURE", "DRAFT CLASS", "DISTRIBUTION", "STATUS")
     table = [
         (
@@ -83,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     if not table:
         print("No dspark plugins installed. Install a family, e.g. `pip install dspark-qwen3`.")
-        return 0
+        return strict_exit(report, "list")
     widths = [max(len(str(line[i])) for line in [header, *table]) for i in range(len(header))]
     for line in [header, *table]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
@@ -93,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {failure}")
     blocked = [info for info in report.plugins if info.status == "blocked"]
     if blocked:
-        print("\nBlocked by DSPARK_DISABLE_PLUGINS / DSPARK_PLUGINS: " + ", ".join(b.label for b in blocked))
+        print("\nBlocked by selection: " + ", ".join(f"{b.label} by {b.blocked_by}" for b in blocked))
     if report.duplicates:
         print("\nIgnored duplicate installs: " + ", ".join(report.duplicates))
-    return 0
+    return strict_exit(report, "list")

@@ -6,9 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from dspark_core.cli import print_warning
 from dspark_core.cli.plugins_list import discovery_report
-from dspark_core.errors import DraftConfigError
-from dspark_core.registry import DSPARK_DRAFT_REGISTRY, _spec_reference
+from dspark_core.errors import DraftConfigError, DSparkPluginWarning
+from dspark_core.registry import DSPARK_DRAFT_REGISTRY
 
 HELP = "show the draft spec resolved for architectures or a target config.json"
 
@@ -43,19 +44,21 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.architectures) == bool(args.config):
         raise DraftConfigError("give either architecture names or --config, not both and not neither")
     names = architectures_from_config(args.config) if args.config else list(args.architectures)
-    discovery_report()
-    entry = DSPARK_DRAFT_REGISTRY.resolve_entry(names)
+    report = discovery_report()
+    entry = DSPARK_DRAFT_REGISTRY.resolve_entry(names)  # a not-found error names the failures itself
+    for failure in report.failures:  # a failed plugin might have registered an earlier architecture
+        print_warning(DSparkPluginWarning, f"skipping dspark {failure}")
     info = entry.plugin
     if args.json:
         payload = {
             "requested": names,
             "architecture": entry.architecture,
-            "draft_class": _spec_reference(entry.spec),
+            "draft_class": entry.reference,
             "plugin": info.name,
             "distribution": info.distribution,
             "version": info.version,
         }
         print(json.dumps(payload, indent=2))
     else:
-        print(f"{entry.architecture} -> {_spec_reference(entry.spec)} ({info.label})")
+        print(f"{entry.architecture} -> {entry.reference} ({info.label})")
     return 0

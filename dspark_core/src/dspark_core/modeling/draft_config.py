@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from dspark_core.errors import DraftConfigError
+from dspark_core.errors import DraftConfigError, warn_at_caller
 from dspark_core.layer_ids import build_target_layer_ids
 from dspark_core.options import MARKOV_HEAD_TYPES
 from dspark_core.options import DSparkDraftOptions as DSparkDraftOptions  # re-exported
@@ -53,11 +53,10 @@ def check_target_layer_ids(ids: Sequence[int], num_target_layers: int) -> list[i
         )
     unservable = [i for i in checked if i in (-1, num_target_layers - 1)]
     if unservable:
-        warnings.warn(
+        warn_at_caller(
             f"target_layer_ids contains {unservable}: SGLang cannot capture layer -1 (the embeddings) or "
             f"layer {num_target_layers - 1} (post final norm), so this draft will not serve there",
             TargetLayerWarning,
-            stacklevel=3,
         )
     return checked
 
