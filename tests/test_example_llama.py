@@ -118,10 +118,16 @@ def trained(env: Env, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, P
     result = env.dspark(
         "train", "--target", str(target), "--data", str(write_chats(root / "chats.jsonl")),
         "--output", str(run_dir), "--max-steps", "3", "--batch-size", "4", "--num-draft-layers", "1",
-        "--block-size", "4", "--num-anchors", "8", "--markov-rank", "16", "--target-layer-ids", "0,1",
+        "--block-size", "4", "--num-anchors", "8", "--markov-rank", "16",
         "--lr", "3e-3", "--no-progress", "--log-every", "1", "--device", "cpu",
     )  # fmt: skip
-    assert "draft: LlamaDSparkModel" in result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "draft: LlamaDSparkModel" in output
+    # The default feature layer is the target's last (n-1): the SGLang layer warning is folded into
+    # the serving check's single line, which also says no engine knows a Llama draft.
+    serving = [line for line in output.splitlines() if line.startswith("warning: serving:")]
+    assert len(serving) == 1 and "TargetLayerWarning" not in output
+    assert all(f"{name} cannot" in serving[0] for name in ("DeepSpec/NeMo", "vLLM", "SGLang"))
     return target, run_dir / "draft"
 
 
