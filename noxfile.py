@@ -21,7 +21,14 @@ DISTRIBUTIONS = ("dspark_core", "dspark_qwen3")
 TORCH = "torch==2.13.0"
 # Both ends of the transformers range the distributions declare (>=5.22,<5.25).
 TRANSFORMERS_TESTED = ("5.22.2", "5.24.0")
-TEST_DEPS = ("pytest>=8", "hypothesis>=6", "pytest-timeout")
+#: What the typecheck session checks: both distributions and the worked example family.
+TYPED_PACKAGES = (
+    "dspark_core/src/dspark_core",
+    "dspark_qwen3/src/dspark_qwen3",
+    "examples/dspark-llama/src/dspark_llama",
+)
+# hatchling: tests/test_example_llama.py builds examples/dspark-llama offline with it.
+TEST_DEPS = ("pytest>=8", "hypothesis>=6", "pytest-timeout", "hatchling>=1.24")
 
 
 def build_wheels(session: nox.Session) -> dict[str, str]:
@@ -89,7 +96,7 @@ def typecheck(session: nox.Session) -> None:
         "types-PyYAML",
         "types-tqdm",
     )
-    session.run("mypy", "dspark_core/src/dspark_core", "dspark_qwen3/src/dspark_qwen3")
+    session.run("mypy", *TYPED_PACKAGES)
 
 
 @nox.session(python="3.11")

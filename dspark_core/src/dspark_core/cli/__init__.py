@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("train", (), "dspark_core.cli.train"),
     ("regenerate", (), "dspark_core.cli.regenerate"),
     ("verify", (), "dspark_core.cli.verify"),
+    ("check-draft", (), "dspark_core.cli.check_draft"),
     ("plot", (), "dspark_core.cli.plot"),
     ("make-tiny-target", (), "dspark_core.cli.make_tiny_target"),
 ]

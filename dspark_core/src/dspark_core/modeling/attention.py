@@ -71,6 +71,12 @@ def block_attention(
     )
 
 
+_PARTIAL_ROTARY = (
+    "`rope_parameters.partial_rotary_factor` below 1 (RoPE on part of each head) is not supported by the "
+    "DSpark backbone; a family with partial rotary must write its own layers and rotary embedding"
+)
+
+
 def rotate_half(x: Tensor) -> Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -85,6 +91,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class RotaryEmbedding(nn.Module):
     """RoPE whose ``inv_freq`` stays float32 whatever the model is cast to.
 
+    ``rope_parameters.rope_type`` may be ``default`` or any type in transformers'
+    ``ROPE_INIT_FUNCTIONS`` (linear, dynamic, yarn, longrope, llama3, proportional), whose frequencies
+    and attention scaling come from transformers itself. They are computed once, as transformers does
+    for sequences within the original context: ``dynamic`` and ``longrope`` do not re-scale as a
+    sequence grows, so training and decoding see the same frequencies at every position.
+
     A bf16 ``inv_freq`` drifts in phase as positions grow, which lowers acceptance, so every
     ``.to(dtype)``/``.half()`` recomputes the frequencies in float32 (on the buffer's device).
     """
@@ -97,19 +109,31 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = self._frequencies()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _head_dim(self) -> int:
+        dim = getattr(self.config, "head_dim", None)
+        return int(dim or self.config.hidden_size // self.config.num_attention_heads)
+
     def _frequencies(self) -> tuple[Tensor, float]:
         parameters = getattr(self.config, "rope_parameters", None) or {}
         rope_type = parameters.get("rope_type", "default")
+        dim = self._head_dim()
         if rope_type == "default":
+            if float(parameters.get("partial_rotary_factor", 1.0)) != 1.0:
+                raise DraftConfigError(_PARTIAL_ROTARY)
             base = float(parameters.get("rope_theta", getattr(self.config, "rope_theta", 10000.0)))
-            dim = getattr(self.config, "head_dim", None) or (
-                self.config.hidden_size // self.config.num_attention_heads
-            )
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
             return inv_freq.float(), 1.0
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](self.config, None)
+        init = ROPE_INIT_FUNCTIONS.get(rope_type)
+        if init is None:
+            raise DraftConfigError(
+                f"`rope_parameters.rope_type` {rope_type!r} is unknown to this transformers; the draft "
+                f"supports default, {', '.join(ROPE_INIT_FUNCTIONS)}"
+            )
+        inv_freq, scaling = init(self.config, None)
+        if 2 * inv_freq.numel() != dim:
+            raise DraftConfigError(_PARTIAL_ROTARY)
         return inv_freq.float(), float(scaling)
 
     def reset_frequencies(self) -> None:

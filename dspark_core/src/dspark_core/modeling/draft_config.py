@@ -3,14 +3,17 @@
 A family's config builder copies what its backbone needs from the target config, then calls
 :func:`apply_dspark_fields`; every draft model validates its config with
 :func:`validate_dspark_config` on construction, so a hand-edited ``config.json`` fails with a
-message naming the field rather than deep inside a forward pass.
+message naming the field rather than deep inside a forward pass. A family on the standard backbone
+declares a :class:`DraftFamily` instead, whose :meth:`~DraftFamily.build_config` does both steps.
+Torch-free: nothing here imports torch or transformers.
 """
 
 from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from dspark_core.errors import DraftConfigError, warn_at_caller
@@ -18,6 +21,27 @@ from dspark_core.layer_ids import build_target_layer_ids
 from dspark_core.options import MARKOV_HEAD_TYPES
 from dspark_core.options import DSparkDraftOptions as DSparkDraftOptions  # re-exported
 from dspark_core.validation import require_int
+
+#: The fields the standard backbone reads, copied unchanged from the target config (the Qwen3 set;
+#: a field the target lacks is left to the draft config class's default).
+STANDARD_BACKBONE_FIELDS: tuple[str, ...] = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "attention_bias",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 class TargetLayerWarning(UserWarning):
@@ -139,3 +163,55 @@ def validate_dspark_config(config: Any) -> None:
             "`confidence_head_with_markov` is true but `markov_rank` is 0: the confidence head has no "
             "Markov features to read. Set confidence_head_with_markov=False or markov_rank > 0"
         )
+
+
+def parse_draft_options(options: Mapping[str, Any]) -> DSparkDraftOptions:
+    """``DSparkDraftOptions(**options)``, with an unknown option named in a :class:`DraftConfigError`."""
+    try:
+        return DSparkDraftOptions(**options)
+    except TypeError as exc:
+        known = ", ".join(DSparkDraftOptions.__dataclass_fields__)
+        raise DraftConfigError(f"{exc}; the draft options are: {known}") from None
+
+
+@dataclass(frozen=True)
+class DraftFamily:
+    """What a family on the standard backbone declares to turn a target config into a draft config.
+
+    ``config_class`` is the draft config's class (usually the target's, so ``model_type`` is the
+    target family's, which is how serving engines recognise the draft), ``architecture`` the draft
+    class's name (written to ``config.architectures``), ``fields`` the target fields the backbone
+    copies, and ``fallbacks`` ``{field: other}`` reads ``other`` when the target leaves ``field`` None
+    (an MoE target's ``intermediate_size`` from ``moe_intermediate_size``).
+    """
+
+    distribution: str
+    config_class: type[Any]
+    target_model_types: tuple[str, ...]
+    architecture: str
+    fields: tuple[str, ...] = STANDARD_BACKBONE_FIELDS
+    fallbacks: Mapping[str, str] = field(default_factory=dict)
+
+    def copied_fields(self, target_config: Any) -> dict[str, Any]:
+        """The backbone fields of ``target_config``; raises if it is not one of this family's."""
+        model_type = getattr(target_config, "model_type", None)
+        if model_type not in self.target_model_types:
+            raise DraftConfigError(
+                f"{self.distribution} builds drafts for targets of model_type "
+                f"{' or '.join(self.target_model_types)}, but this target config has model_type "
+                f"{model_type!r}; install the dspark plugin for that family"
+            )
+        fields = {name: getattr(target_config, name) for name in self.fields if hasattr(target_config, name)}
+        for name, other in self.fallbacks.items():
+            if getattr(target_config, name, None) is None and getattr(target_config, other, None) is not None:
+                fields[name] = getattr(target_config, other)
+        return fields
+
+    def build_config(self, target_config: Any, **options: Any) -> Any:
+        """The draft config for ``target_config`` with the DSpark ``options`` (see DSparkDraftOptions)."""
+        fields = self.copied_fields(target_config)
+        draft_options = parse_draft_options(options)
+        config = self.config_class(**fields)
+        config.architectures = [self.architecture]
+        apply_dspark_fields(config, draft_options, num_target_layers=int(target_config.num_hidden_layers))
+        return config

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import nn
 
 from dspark_core.errors import DraftConfigError
 from dspark_core.model_dirs import architectures_of, require_model_dir
+from dspark_core.modeling.draft_config import TargetLayerWarning
 from dspark_core.spec import TrainableDraftSpec
 from dspark_core.training.config import TrainConfig
 from dspark_core.training.data import (
@@ -182,6 +184,18 @@ def _reserved_ids(text_config: Any) -> list[int]:
     return out
 
 
+def warn_unservable(draft_config: Any, log: Log) -> None:
+    """One line, before the first step, naming each serving engine that could not load this draft.
+
+    The export ships the target's embeddings and ``lm_head``, so only the config is checked.
+    """
+    from dspark_core.serving import check_draft, draft_facts, serving_summary
+
+    summary = serving_summary(check_draft(draft_facts(draft_config)))
+    if summary is not None:
+        log(f"warning: {summary}")
+
+
 def build_draft(
     config: TrainConfig,
     parts: TargetParts,
@@ -203,9 +217,12 @@ def build_draft(
     options = {**vars(config.draft), "mask_token_id": mask_token_id}
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     # Every rank draws the same initial weights, independent of the global RNG's history.
-    with torch.random.fork_rng(devices=devices):
+    with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+        # The SGLang layer warning is subsumed by the serving check's one line below.
+        warnings.simplefilter("ignore", TargetLayerWarning)
         torch.manual_seed(config.seed)
         draft: Any = parts.spec.build_draft(parts.target, **options)
+    warn_unservable(draft.config, log)
     # Master weights in fp32; bf16 comes from autocast.
     draft = draft.to(device=ctx.device, dtype=torch.float32)
     draft.config._attn_implementation = attention
