@@ -43,7 +43,9 @@ def make_venv(root: Path) -> Path:
         text=True,
     ).stdout.strip()
     parents = [p for p in site.getsitepackages() if os.path.isdir(p)]
-    Path(purelib, "_outer_site.pth").write_text("".join(f"{p}\n" for p in parents))
+    # addsitedir (not a bare path line) so the outer site's own .pth files, e.g. editable installs, apply too.
+    lines = "".join(f"import site; site.addsitedir({p!r})\n" for p in parents)
+    Path(purelib, "_outer_site.pth").write_text(lines)
     return python
 
 
