@@ -15,24 +15,33 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from dspark_core.errors import DSparkError
+from dspark_core.errors import DraftConfigError, DSparkError
 from dspark_core.training.data import (
     PAD_DOCUMENT_ID,
+    ROW_FORMATS,
     Collator,
     DataPosition,
     DatasetError,
     Example,
+    Message,
     Origin,
     ResumableSampler,
+    RowFormat,
     TokenizedDataset,
+    TokenRow,
     check_mask_token_unused,
     collate,
+    encode_prompt,
     epoch_order,
     iter_batches,
     pack_examples,
+    parse_row,
+    prompt_turns,
+    read_jsonl,
+    resolve_mask_token_id,
     tokenize_chat,
 )
-from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target
+from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_target, make_tiny_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer in one short sentence."},
@@ -267,6 +276,50 @@ def test_malformed_line_names_file_and_line(
         TokenizedDataset.from_jsonl(path, tokenizer)
 
 
+def test_unknown_schema_lists_every_registered_format(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello", "id": 3}])
+    expected = (
+        f"{path}:1: unknown row schema with keys ['id', 'text']: expected 'messages' (OpenAI chat), "
+        "'conversations' (DeepSpec chat) or 'input_ids' + 'loss_mask' (pre-tokenised)"
+    )
+    with pytest.raises(DatasetError) as info:
+        list(read_jsonl(path))
+    assert str(info.value) == expected
+
+
+def test_a_new_row_format_is_one_table_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def parse_ids(obj: Any, origin: Origin | None) -> TokenRow:
+        return TokenRow(list(obj["ids"]), [1] * len(obj["ids"]), origin)
+
+    monkeypatch.setitem(ROW_FORMATS, "ids", RowFormat("ids", "'ids' (all supervised)", parse_ids))
+    path = write_jsonl(tmp_path / "d.jsonl", [{"ids": [4, 5]}, {"text": "x"}])
+    rows = read_jsonl(path)
+    assert next(rows) == TokenRow([4, 5], [1, 1], Origin(str(path), 1))
+    with pytest.raises(DatasetError, match=r":2: .*\(pre-tokenised\) or 'ids' \(all supervised\)$"):
+        next(rows)
+    assert parse_row({"messages": []}).messages == ()
+
+
+def test_encode_prompt_is_the_rendered_template(target_dir: Path) -> None:
+    tok = AutoTokenizer.from_pretrained(target_dir)
+    # Qwen3 opens an empty think block after the generation prompt when thinking is off.
+    tok.chat_template = QWEN3_LIKE_TEMPLATE + (
+        "{%- if add_generation_prompt and enable_thinking is defined and not enable_thinking -%}"
+        "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+    )
+    prompt = prompt_turns([Message(m["role"], m["content"]) for m in CONVERSATION])
+    assert prompt == CONVERSATION[:2]  # up to the first assistant turn only
+    for kwargs in (None, {"enable_thinking": False}):
+        rendered = tok.apply_chat_template(
+            prompt, tokenize=False, add_generation_prompt=True, **(kwargs or {})
+        )
+        assert isinstance(rendered, str)
+        assert rendered.endswith("</think>\n\n" if kwargs else "<|im_start|>assistant\n")
+        # The template writes the special tokens itself, so none are added around it.
+        expected = tok(rendered, add_special_tokens=False)["input_ids"]
+        assert encode_prompt(tok, prompt, chat_template_kwargs=kwargs) == expected
+
+
 def test_role_normalisation_and_extra_keys(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     rows = [
         {"id": "a", "messages": [{"role": "Human", "content": "Hi"}, {"role": "gpt", "content": "Hello"}]},
@@ -323,7 +376,22 @@ def test_vocab_size_check(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Mask token collisions
+# The mask token: its choice and collisions with the data
+
+
+def test_mask_token_resolution() -> None:
+    tokenizer = make_tiny_tokenizer()
+    vocab = len(tokenizer)
+    reserved_0 = tokenizer.convert_tokens_to_ids(TINY_MASK_TOKEN)
+    # No spare embedding row: the first special token that is not eos/pad and not in the template.
+    assert resolve_mask_token_id(tokenizer, vocab) == reserved_0
+    assert resolve_mask_token_id(tokenizer, vocab, reserved_ids=[reserved_0]) == reserved_0 + 1
+    # A spare embedding row past the tokenizer (Qwen3: 151669) is preferred.
+    assert resolve_mask_token_id(tokenizer, vocab + 8) == vocab
+    assert resolve_mask_token_id(tokenizer, vocab, mask_token="<|reserved_2|>") == reserved_0 + 2
+    assert resolve_mask_token_id(tokenizer, vocab, mask_token_id=7) == 7
+    with pytest.raises(DraftConfigError, match="not a token"):
+        resolve_mask_token_id(tokenizer, vocab, mask_token="<|nope|>")
 
 
 def test_mask_token_collision_names_the_row(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:

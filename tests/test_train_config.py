@@ -13,11 +13,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from dspark_core.cli import main as cli_main
-from dspark_core.errors import DraftConfigError
 from dspark_core.training.config import RUN_CONTROL_FIELDS, ConfigError, TrainConfig
-from dspark_core.training.data import resolve_mask_token_id
 from dspark_core.training.optim import WarmupCosine
-from dspark_qwen3.testing import TINY_MASK_TOKEN, make_tiny_tokenizer
+from dspark_qwen3.testing import TINY_MASK_TOKEN
 
 
 def printed_config(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
@@ -101,21 +99,6 @@ def test_warmup_then_cosine_to_the_floor() -> None:
     decay = factors[4:]
     assert all(a > b for a, b in itertools.pairwise(decay))
     assert factors[12] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the decay
-
-
-def test_mask_token_resolution() -> None:
-    tokenizer = make_tiny_tokenizer()
-    vocab = len(tokenizer)
-    reserved_0 = tokenizer.convert_tokens_to_ids(TINY_MASK_TOKEN)
-    # No spare embedding row: the first special token that is not eos/pad and not in the template.
-    assert resolve_mask_token_id(tokenizer, vocab) == reserved_0
-    assert resolve_mask_token_id(tokenizer, vocab, reserved_ids=[reserved_0]) == reserved_0 + 1
-    # A spare embedding row past the tokenizer (Qwen3: 151669) is preferred.
-    assert resolve_mask_token_id(tokenizer, vocab + 8) == vocab
-    assert resolve_mask_token_id(tokenizer, vocab, mask_token="<|reserved_2|>") == reserved_0 + 2
-    assert resolve_mask_token_id(tokenizer, vocab, mask_token_id=7) == 7
-    with pytest.raises(DraftConfigError, match="not a token"):
-        resolve_mask_token_id(tokenizer, vocab, mask_token="<|nope|>")
 
 
 def test_mask_token_colliding_with_the_data_is_refused(tmp_path: Path) -> None:

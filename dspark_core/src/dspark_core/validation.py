@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 from dspark_core.errors import DraftConfigError
 
@@ -23,12 +23,12 @@ __all__ = [
 ]
 
 
-def is_int(value: object) -> bool:
-    """An ``int`` that is not a ``bool``."""
+def is_int(value: object) -> TypeGuard[int]:
+    """An ``int`` that is not a ``bool`` (a type guard, so a checked value reads as an int)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_real(value: object) -> bool:
+def is_real(value: object) -> TypeGuard[int | float]:
     """An ``int`` or ``float`` that is not a ``bool`` (NaN and inf included)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -46,7 +46,6 @@ def require_int(
     suffix = f". {hint}" if hint else ""
     if not is_int(value):
         raise error(f"{name} must be an int, got {type(value).__name__} {value!r}{suffix}")
-    assert isinstance(value, int)
     if minimum is not None and value < minimum:
         raise error(f"{name} must be >= {minimum}, got {value}{suffix}")
     if maximum is not None and value > maximum:
@@ -69,7 +68,7 @@ def require_number(
     suffix = f". {hint}" if hint else ""
     if not is_real(value):
         raise error(f"{name} must be a number, got {type(value).__name__} {value!r}{suffix}")
-    number = float(value)  # type: ignore[arg-type]
+    number = float(value)
     if math.isnan(number) or (finite and math.isinf(number)):
         raise error(f"{name} must be a finite number, got {value!r}{suffix}")
     if minimum is not None and not number >= minimum:

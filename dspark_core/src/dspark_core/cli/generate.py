@@ -150,14 +150,12 @@ def _encode(prompt: Prompt, tokenizer: Any, use_template: bool) -> torch.Tensor:
                 "token ids"
             ) from None
         return torch.tensor([token_ids], dtype=torch.long)
-    text = prompt.text
-    templated = use_template and bool(getattr(tokenizer, "chat_template", None))
-    if templated:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt.text}], tokenize=False, add_generation_prompt=True
-        )
-    # The chat template already writes its special tokens.
-    encoded = tokenizer(text, add_special_tokens=not templated, return_tensors="pt")
+    if use_template and getattr(tokenizer, "chat_template", None):
+        from dspark_core.training.data import encode_prompt
+
+        conversation = [{"role": "user", "content": prompt.text}]
+        return torch.tensor([encode_prompt(tokenizer, conversation)], dtype=torch.long)
+    encoded = tokenizer(prompt.text, add_special_tokens=True, return_tensors="pt")
     ids: torch.Tensor = encoded["input_ids"]
     return ids
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from dspark_core.errors import DraftConfigError
+from dspark_core.validation import is_int
 
 __all__ = [
     "anchor_candidates",
@@ -40,8 +41,8 @@ __all__ = [
 
 
 def _check_positive_int(value: object, name: str) -> int:
-    # bool is an int subclass; True as a block size is certainly a bug.
-    if isinstance(value, bool) or not isinstance(value, int):
+    # True as a block size is certainly a bug.
+    if not is_int(value):
         raise DraftConfigError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
     if value < 1:
         raise DraftConfigError(f"`{name}` must be >= 1, got {value}.")
@@ -191,7 +192,7 @@ def context_position_ids(
     if document_ids is None:
         if seq_len is None:
             raise ValueError("context_position_ids needs `seq_len` or `document_ids`.")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
+        if not is_int(seq_len) or seq_len < 0:
             raise ValueError(f"`seq_len` must be a non-negative int, got {seq_len!r}.")
         _check_positive_int(batch_size, "batch_size")
         pos = torch.arange(seq_len, device=device, dtype=torch.long)
@@ -251,7 +252,7 @@ def block_input_ids(
     _check_anchors(anchors, input_ids.shape[0])
     _check_keep(keep, anchors)
     block_size = _check_positive_int(block_size, "block_size")
-    if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or mask_token_id < 0:
+    if not is_int(mask_token_id) or mask_token_id < 0:
         raise DraftConfigError(f"`mask_token_id` must be a non-negative int, got {mask_token_id!r}.")
     batch, num_anchors = anchors.shape
     out = input_ids.new_full((batch, num_anchors, block_size), mask_token_id)

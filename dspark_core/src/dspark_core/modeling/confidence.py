@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dspark_core.errors import DraftConfigError
+from dspark_core.validation import is_int
 
 __all__ = ["ConfidenceHead"]
 
@@ -34,9 +35,9 @@ class ConfidenceHead(nn.Module):
 
     def __init__(self, hidden_size: int, markov_rank: int = 0, *, with_markov: bool = False) -> None:
         super().__init__()
-        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        if not is_int(hidden_size) or hidden_size < 1:
             raise DraftConfigError(f"hidden_size must be a positive integer, got {hidden_size!r}")
-        if isinstance(markov_rank, bool) or not isinstance(markov_rank, int) or markov_rank < 0:
+        if not is_int(markov_rank) or markov_rank < 0:
             raise DraftConfigError(f"markov_rank must be a non-negative integer, got {markov_rank!r}")
         if with_markov and markov_rank == 0:
             raise DraftConfigError(

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dspark_core.errors import DraftConfigError
+from dspark_core.validation import is_int
 
 __all__ = [
     "LayerCapture",
@@ -81,7 +82,7 @@ def _validate_layer_ids(target_layer_ids: Sequence[int], num_layers: int, target
     if not ids:
         raise DraftConfigError("target_layer_ids is empty; give at least one target layer id.")
     for layer_id in ids:
-        if isinstance(layer_id, bool) or not isinstance(layer_id, int) or not -1 <= layer_id < num_layers:
+        if not is_int(layer_id) or not -1 <= layer_id < num_layers:
             raise DraftConfigError(
                 f"target_layer_ids={ids} contains {layer_id!r}, but {target_name} has {num_layers} decoder "
                 f"layers: each id must be -1 (the embedding output) or in [0, {num_layers - 1}]."

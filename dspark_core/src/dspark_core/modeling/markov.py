@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.sampling import filtered_probs
 from dspark_core.options import MARKOV_HEAD_TYPES
+from dspark_core.validation import is_int
 
 __all__ = [
     "MARKOV_HEAD_TYPES",
@@ -35,7 +36,7 @@ __all__ = [
 
 
 def _require_positive(field: str, value: int, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int(value) or value < 1:
         raise DraftConfigError(f"{field} must be a positive integer, got {value!r}. {hint}")
 
 

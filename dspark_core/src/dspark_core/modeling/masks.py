@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from dspark_core.modeling.blocks import _check_anchors, _check_keep, _check_positive_int
+from dspark_core.validation import is_int
 
 __all__ = [
     "block_attention_allowed",
@@ -70,7 +71,7 @@ def _check_mask_args(
     _check_anchors(anchors)
     _check_keep(keep, anchors)
     block_size = _check_positive_int(block_size, "block_size")
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    if not is_int(seq_len) or seq_len < 1:
         raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
     if document_ids is not None:
         expected = (anchors.shape[0], seq_len)

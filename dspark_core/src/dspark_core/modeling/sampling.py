@@ -11,17 +11,19 @@ import math
 import torch
 from torch import Tensor
 
+from dspark_core.validation import is_int, is_real
+
 __all__ = ["check_sampling_options", "filtered_probs"]
 
 
 def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Raise ``ValueError`` naming the option unless ``temperature >= 0``, ``top_k >= 1`` (an int) and
     ``top_p`` in ``(0, 1]``; ``None`` disables a filter."""
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or math.isnan(temperature):
+    if not is_real(temperature) or math.isnan(temperature):
         raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")

@@ -30,7 +30,7 @@ import torch
 
 from dspark_core.model_dirs import check_fits_positions
 from dspark_core.modeling.sampling import check_sampling_options
-from dspark_core.training.data import ChatRow, DatasetError, Message, TokenRow, read_jsonl
+from dspark_core.training.data import ChatRow, DatasetError, Message, TokenRow, encode_prompt, read_jsonl
 from dspark_core.training.distributed import rank_seed
 
 if TYPE_CHECKING:
@@ -127,17 +127,9 @@ def generate_response_ids(
     """
     prompts: list[list[int]] = []
     for conversation in conversations:
-        ids: Any = tokenizer.apply_chat_template(
-            [dict(m) for m in conversation],
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=False,
-            **dict(chat_template_kwargs or {}),
-        )
-        if isinstance(ids, Mapping):
-            ids = ids["input_ids"]
+        ids = encode_prompt(tokenizer, conversation, chat_template_kwargs=chat_template_kwargs)
         check_fits_positions(len(ids), sampling.max_new_tokens, target.config, "regenerate")
-        prompts.append([int(t) for t in ids])
+        prompts.append(ids)
     device = next(target.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
