@@ -5,13 +5,20 @@ Nothing is downloaded: a path that is not a directory is "no such directory", ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from dspark_core.errors import DraftConfigError, DSparkError
 
-__all__ = ["ModelDirectoryError", "architectures_of", "check_fits_positions", "require_model_dir"]
+__all__ = [
+    "ModelDirectoryError",
+    "architectures_of",
+    "check_fits_positions",
+    "file_sha256",
+    "require_model_dir",
+]
 
 
 class ModelDirectoryError(DSparkError, FileNotFoundError):
@@ -49,3 +56,12 @@ def check_fits_positions(prompt_tokens: int, max_new_tokens: int, config: Any, s
             f"{source}: a prompt of {prompt_tokens} tokens plus max_new_tokens {max_new_tokens} exceeds the "
             f"target's max_position_embeddings {limit}; shorten the prompt or lower --max-new-tokens"
         )
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file, read in 1 MiB blocks (weights files are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()

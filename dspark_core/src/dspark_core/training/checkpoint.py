@@ -24,7 +24,6 @@ files' presence only.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dspark_core.errors import DSparkError
+from dspark_core.model_dirs import file_sha256
 from dspark_core.training import faults
 
 if TYPE_CHECKING:
@@ -68,7 +68,6 @@ CHECKPOINT_FORMAT = "dspark-checkpoint"
 MANIFEST_VERSION = 2
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
-_HASH_BLOCK = 1 << 20
 
 
 class CheckpointError(DSparkError, RuntimeError):
@@ -184,16 +183,8 @@ def file_digests(root: Path, *, exclude: frozenset[str] = frozenset()) -> dict[s
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         relative = path.relative_to(root).as_posix()
         if relative not in exclude:
-            out[relative] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            out[relative] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(_HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_problems(root: Path, files: Mapping[str, Any]) -> list[str]:
@@ -206,7 +197,7 @@ def _file_problems(root: Path, files: Mapping[str, Any]) -> list[str]:
             problems.append(
                 f"{relative} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}"
             )
-        elif _sha256(path) != expected.get("sha256"):
+        elif file_sha256(path) != expected.get("sha256"):
             problems.append(f"{relative} does not match its SHA-256 in the manifest (corrupted)")
     return problems
 

@@ -11,7 +11,6 @@ so the draft trains on exactly the tokens the target produced.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from dspark_core.model_dirs import file_sha256
 from dspark_core.targets.code_tasks import CODE_TASK_FORMAT, CodeTask, code_tasks
 from dspark_core.targets.corpus import Corpus
 
@@ -54,10 +54,6 @@ def select_tasks(corpus: Corpus, recipe: CodeDemoRecipe) -> tuple[list[CodeTask]
     train = spread(list(code_tasks(corpus.split("train"))), recipe.num_train)
     heldout = spread(list(code_tasks(corpus.split("heldout"))), recipe.num_heldout)
     return train, heldout
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -108,7 +104,7 @@ def existing_record(directory: Path, expected: dict[str, Any]) -> dict[str, Any]
     if not isinstance(record, dict) or record.get("inputs") != expected:
         return None
     for name, digest in record.get("files_sha256", {}).items():
-        if not (directory / name).is_file() or _sha256(directory / name) != digest:
+        if not (directory / name).is_file() or file_sha256(directory / name) != digest:
             return None
     return record
 
@@ -128,7 +124,7 @@ def build_code_demo_data(
     recipe = recipe or CodeDemoRecipe()
     corpus = Corpus.stdlib()
     out = Path(output_dir)
-    target_files = {p.name: _sha256(p) for p in sorted(Path(target_dir).glob("*.safetensors"))}
+    target_files = {p.name: file_sha256(p) for p in sorted(Path(target_dir).glob("*.safetensors"))}
     inputs = {
         "recipe": recipe.as_dict(),
         "corpus": corpus.record(),
@@ -158,7 +154,7 @@ def build_code_demo_data(
         "num_heldout": len(heldout),
         "train_files": len({t.source.rsplit(":", 1)[0] for t in train}),
         "heldout_files": len({t.source.rsplit(":", 1)[0] for t in heldout}),
-        "files_sha256": {name: _sha256(out / name) for name in (TRAIN_NAME, HELDOUT_NAME)},
+        "files_sha256": {name: file_sha256(out / name) for name in (TRAIN_NAME, HELDOUT_NAME)},
     }
     (out / RECORD_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out, record, False

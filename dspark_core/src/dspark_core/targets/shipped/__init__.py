@@ -7,7 +7,6 @@ a copy is verified before it is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -15,18 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from dspark_core.errors import DSparkError
+from dspark_core.model_dirs import file_sha256
 
 SHIPPED_DIR = Path(__file__).parent / "qwen3-stdlib"
 RECORD_NAME = "dspark_target.json"
 FILES_KEY = "files_sha256"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def seal(directory: Path) -> dict[str, Any]:
@@ -34,7 +26,7 @@ def seal(directory: Path) -> dict[str, Any]:
     record_path = directory / RECORD_NAME
     record = json.loads(record_path.read_text())
     record[FILES_KEY] = {
-        p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != RECORD_NAME
+        p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != RECORD_NAME
     }
     record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return dict(record)
@@ -49,7 +41,7 @@ def verify(directory: Path) -> dict[str, Any]:
         raise DSparkError(f"{directory / RECORD_NAME}: missing or unreadable target record ({exc})") from exc
     for name, digest in expected.items():
         path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
+        if not path.is_file() or file_sha256(path) != digest:
             raise DSparkError(
                 f"{path}: missing or corrupt (sha256 differs from {RECORD_NAME}); "
                 "reinstall dspark-core, or delete the folder and run the command again"
