@@ -69,7 +69,7 @@ def compare_on_prompts(
     temperature: float = 0.0,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int = 0,
-    on_prompt: Callable[[int], None] | None = None,
+    on_prompt: Callable[[int], object] | None = None,
 ) -> Comparison:
     """Decode every prompt (``[1, P]`` ids) with both methods, interleaved; see the module docstring."""
     from dspark_core.decoding import combine_metrics, plain_generate, speculative_generate

@@ -74,7 +74,7 @@ def answer_tasks(
     tokenizer: Any,
     tasks: Sequence[CodeTask],
     recipe: CodeDemoRecipe,
-    on_batch: Callable[[int], None] | None = None,
+    on_batch: Callable[[int], object] | None = None,
 ) -> list[dict[str, Any]]:
     """Chat rows whose assistant turn is the target's greedy reply, with its token ids."""
     from dspark_core.training.regenerate import SamplingConfig, generate_response_ids
