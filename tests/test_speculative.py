@@ -679,6 +679,22 @@ def test_block_size_that_does_not_fit_the_target() -> None:
         check_draft_fits_target(draft, target)
 
 
+def test_the_fit_check_validates_the_whole_draft_config() -> None:
+    # A config edited after construction is validated again before decoding, as on load.
+    target = make_target()
+    draft = make_draft(target)
+    draft.check_fits_target(target)
+    draft.config.target_layer_ids = [0, 0]
+    with pytest.raises(DraftConfigError, match="target_layer_ids"):
+        draft.check_fits_target(target)
+    draft.config.target_layer_ids = [0]
+    draft.config.confidence_head_with_markov = True
+    draft.config.enable_confidence_head = True
+    draft.config.markov_rank = 0
+    with pytest.raises(DraftConfigError, match="confidence_head_with_markov"):
+        speculative_generate(target, draft, prompt(3, 32, 0), max_new_tokens=4)
+
+
 def test_draft_without_the_target_embeddings() -> None:
     target = make_target()
     zeroed = make_draft(target)

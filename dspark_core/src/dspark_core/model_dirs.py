@@ -46,11 +46,15 @@ def architectures_of(config: Any, source: str | Path) -> list[str]:
     return [str(a) for a in (value or [])]
 
 
+def text_config_of(config: Any) -> Any:
+    """A model config's text part (``get_text_config()`` of a multimodal config; itself otherwise)."""
+    get_text_config = getattr(config, "get_text_config", None)
+    return get_text_config() if callable(get_text_config) else config
+
+
 def check_fits_positions(prompt_tokens: int, max_new_tokens: int, config: Any, source: str) -> None:
     """Refuse a prompt that, with ``max_new_tokens``, runs past the target's ``max_position_embeddings``."""
-    get_text_config = getattr(config, "get_text_config", None)
-    text_config = get_text_config() if callable(get_text_config) else config
-    limit = getattr(text_config, "max_position_embeddings", None)
+    limit = getattr(text_config_of(config), "max_position_embeddings", None)
     if isinstance(limit, int) and prompt_tokens + max_new_tokens > limit:
         raise DraftConfigError(
             f"{source}: a prompt of {prompt_tokens} tokens plus max_new_tokens {max_new_tokens} exceeds the "

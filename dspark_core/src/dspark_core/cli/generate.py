@@ -223,14 +223,14 @@ def _load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dspark_core.loading import load_draft
-    from dspark_core.model_dirs import require_model_dir
+    from dspark_core.model_dirs import require_model_dir, text_config_of
 
     target_dir = require_model_dir(args.target, "--target")
     target: Any = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     target = target.to(device).eval()
     draft = load_draft(args.draft, target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.target) if _has_tokenizer(args.target) else None
-    vocab = int(target.config.get_text_config().vocab_size)
+    vocab = int(text_config_of(target.config).vocab_size)
     for token in args.eos_token_id or []:
         if not 0 <= token < vocab:
             raise ValueError(f"--eos-token-id {token} is outside the target's vocabulary [0, {vocab})")

@@ -7,7 +7,7 @@
 | ``metrics`` | per-round records, per-generation metrics, their combination |
 | ``target`` | the target behind an HF cache |
 | ``verify`` | greedy and rejection verification |
-| ``fit`` | whether a draft was built for a target |
+| ``fit`` | ``check_draft_fits_target``, the entry to the draft's own ``check_fits_target`` |
 | ``compare`` / ``plot`` | speculative against plain on a prompt set; ``generate --plot`` |
 
 Importing this package imports torch only when one of the names below is first used.

@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dspark_core.decoding.fit import check_draft_fits_target, text_config
+from dspark_core.decoding.fit import check_draft_fits_target
 from dspark_core.decoding.metrics import GenerationResult, RoundRecord, SpeculativeMetrics, StopReason
 from dspark_core.decoding.schedule import ConfidenceSchedule
 from dspark_core.decoding.target import CachedTarget, synchronize
 from dspark_core.decoding.verify import sample_token, verify_proposal
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.features import LayerCapture, capture_layer_outputs
+from dspark_core.modeling.fit import target_text_config
 from dspark_core.modeling.sampling import check_sampling_options, filtered_probs
 
 __all__ = ["plain_generate", "speculative_generate"]
@@ -66,7 +67,7 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None, target: nn.Module) -> fro
         generation_config = getattr(target, "generation_config", None)
         eos_token_id = getattr(generation_config, "eos_token_id", None)
         if eos_token_id is None:
-            eos_token_id = getattr(text_config(target), "eos_token_id", None)
+            eos_token_id = getattr(target_text_config(target), "eos_token_id", None)
     if eos_token_id is None:
         return frozenset()
     if isinstance(eos_token_id, int):

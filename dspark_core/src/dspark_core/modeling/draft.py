@@ -21,6 +21,7 @@ from dspark_core.modeling import blocks, masks
 from dspark_core.modeling.attention import RotaryEmbedding
 from dspark_core.modeling.confidence import ConfidenceHead
 from dspark_core.modeling.draft_config import validate_dspark_config
+from dspark_core.modeling.fit import check_config_fits_target, check_shares_target_weights
 from dspark_core.modeling.markov import MarkovHead, build_markov_head
 from dspark_core.modeling.sampling import filtered_probs
 
@@ -248,6 +249,19 @@ class DSparkDraftModel(PreTrainedModel):
         # transformers guesses this from the model file's source; our layers read
         # config._attn_implementation on every call, so set_attn_implementation() is safe.
         return True
+
+    # -- fitting a target -----------------------------------------------------------------------
+
+    def check_fits_target(self, target: nn.Module) -> None:
+        """Raise :class:`~dspark_core.errors.DraftConfigError` if this draft cannot draft for ``target``.
+
+        The config is validated again as a whole (it can be edited after construction), then
+        compared with the target (:mod:`dspark_core.modeling.fit`), and ``embed_tokens`` and
+        ``lm_head`` must be the target's.
+        """
+        validate_dspark_config(self.config)
+        check_config_fits_target(self.config, target)
+        check_shares_target_weights(self, target)
 
     # -- shared pieces ------------------------------------------------------------------------
 

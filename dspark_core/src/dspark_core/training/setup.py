@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dspark_core.errors import DraftConfigError
-from dspark_core.model_dirs import architectures_of, require_model_dir
+from dspark_core.model_dirs import architectures_of, require_model_dir, text_config_of
 from dspark_core.modeling.draft_config import TargetLayerWarning
 from dspark_core.spec import TrainableDraftSpec
 from dspark_core.training.config import TrainConfig
@@ -91,9 +91,7 @@ def load_target(config: TrainConfig, ctx: DistributedContext, dtype: torch.dtype
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
         log(f"no tokenizer in {folder} ({exc}); only pre-tokenised data can be used")
-    get_text_config = getattr(target.config, "get_text_config", None)
-    text_config = get_text_config() if callable(get_text_config) else target.config
-    return TargetParts(target, spec, tokenizer, text_config)
+    return TargetParts(target, spec, tokenizer, text_config_of(target.config))
 
 
 @dataclass
