@@ -21,6 +21,7 @@ import argparse
 import statistics
 import time
 import warnings
+from typing import Any
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -120,7 +121,7 @@ def run_case(
     return combine_metrics(spec), combine_metrics(plain), same
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -136,7 +137,35 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def table_row(
+    target_name: str, kind: str, temperature: float, spec: Any, plain: Any, same: bool
+) -> tuple[str, ...]:
+    rates = " ".join("-" if r is None else f"{r:.2f}" for r in spec.accept_rates())
+    return (
+        target_name,
+        kind,
+        f"{temperature:g}",
+        f"{spec.tau:.2f}",
+        rates,
+        f"{spec.mean_proposal_length:.2f}",
+        f"{spec.tokens_per_s:.1f}",
+        f"{plain.tokens_per_s:.1f}",
+        f"{spec.tokens_per_s / plain.tokens_per_s:.2f}x",
+        ("yes" if same else "NO") if temperature == 0 else "n/a",
+    )
+
+
+def main() -> None:
+    args = parse_args()
     torch.set_num_threads(args.threads)
 
     print(
@@ -170,25 +199,9 @@ def main() -> None:
                 ratio_note = f"target step / draft proposal cost: {cost_ratio(target, draft, args):.1f}x"
             for temperature in (0.0, 1.0):
                 spec, plain, same = run_case(target, draft, args, temperature)
-                rates = " ".join("-" if r is None else f"{r:.2f}" for r in spec.accept_rates())
-                rows.append(
-                    (
-                        target_name,
-                        kind,
-                        f"{temperature:g}",
-                        f"{spec.tau:.2f}",
-                        rates,
-                        f"{spec.mean_proposal_length:.2f}",
-                        f"{spec.tokens_per_s:.1f}",
-                        f"{plain.tokens_per_s:.1f}",
-                        f"{spec.tokens_per_s / plain.tokens_per_s:.2f}x",
-                        ("yes" if same else "NO") if temperature == 0 else "n/a",
-                    )
-                )
+                rows.append(table_row(target_name, kind, temperature, spec, plain, same))
     print(ratio_note)
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(header, rows)
 
 
 if __name__ == "__main__":

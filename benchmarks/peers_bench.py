@@ -212,7 +212,7 @@ def print_table(title: str, report: dict[str, Any], prompts: int) -> None:
         )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("runs/quickstart"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -220,15 +220,13 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=TRAINING["max_steps"], help="draft training steps")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    paths = QuickstartPaths(args.root)
-    install_shipped_target(paths.target)
-    build_code_demo_data(paths.target, paths.data, progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(paths.target)
-    target = AutoModelForCausalLM.from_pretrained(paths.target, dtype=torch.float32).eval()
-    prompts = heldout_prompts(paths, tokenizer)[: args.prompts]
+    return parser.parse_args()
 
+
+def train_drafts(
+    args: argparse.Namespace, paths: QuickstartPaths, target: Any
+) -> tuple[dict[tuple[int, int], Any], list[float]]:
+    """One draft per (markov_rank, seed); returns them and the default head's training wall times."""
     drafts: dict[tuple[int, int], Any] = {}
     wall = []
     for seed in args.seeds:
@@ -240,6 +238,30 @@ def main() -> None:
             if rank:
                 wall.append(seconds)
             print(f"trained dspark markov_rank={rank} seed={seed} in {seconds:.0f} s")
+    return drafts, wall
+
+
+def print_markov_gains(report: dict[str, Any], seeds: list[int]) -> None:
+    gains = []
+    for seed in seeds:
+        with_head = report[f"dspark r={TRAINING['markov_rank']} seed {seed}"]["tau"]
+        without = report[f"dspark r=0 seed {seed}"]["tau"]
+        gains.append(with_head / without)
+        print(f"  Markov gain seed {seed}: tau {with_head:.3f} / {without:.3f} = {with_head / without:.3f}")
+    print(f"  Markov gain, mean of {len(gains)} seeds: {statistics.mean(gains):.3f}")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    paths = QuickstartPaths(args.root)
+    install_shipped_target(paths.target)
+    build_code_demo_data(paths.target, paths.data, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(paths.target)
+    target = AutoModelForCausalLM.from_pretrained(paths.target, dtype=torch.float32).eval()
+    prompts = heldout_prompts(paths, tokenizer)[: args.prompts]
+
+    drafts, wall = train_drafts(args, paths, target)
     first = args.seeds[0]
     params = sum(p.numel() for p in drafts[(TRAINING["markov_rank"], first)].parameters() if p.requires_grad)
     assistant = train_assistant(paths, tokenizer, target, params, statistics.mean(wall))
@@ -270,15 +292,7 @@ def main() -> None:
             report,
             len(prompts),
         )
-        gains = []
-        for seed in args.seeds:
-            with_head = report[f"dspark r={TRAINING['markov_rank']} seed {seed}"]["tau"]
-            without = report[f"dspark r=0 seed {seed}"]["tau"]
-            gains.append(with_head / without)
-            print(
-                f"  Markov gain seed {seed}: tau {with_head:.3f} / {without:.3f} = {with_head / without:.3f}"
-            )
-        print(f"  Markov gain, mean of {len(gains)} seeds: {statistics.mean(gains):.3f}")
+        print_markov_gains(report, args.seeds)
     (args.root / "peers" / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 

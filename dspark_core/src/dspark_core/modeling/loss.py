@@ -133,31 +133,14 @@ def dspark_objective(
         draft_hidden, markov_latent, teacher_hidden, labels, eval_mask, config, compute_dtype,
         vocab_size=lm_head_weight.shape[0],
     )  # fmt: skip
-    chunk = config.chunk_size if config.chunk_size is not None else max(int(slots.index.numel()), 1)
-    # The vocabulary terms are fp32 by design; a caller's bf16 autocast must not downcast the
-    # matmuls (it would also mix dtypes inside the in-place addmm). Backward disables it itself.
-    with torch.autocast(device_type=device.type, enabled=False):
-        # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
-        ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
-            slots.hidden, slots.latent, slots.teacher, slots.targets, lm_head_weight, markov_w2_weight,
-            chunk, compute_dtype,
-        )  # fmt: skip
-    alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
-
-    weights = slots.weights
-    numerators = [(weights * ce_tok).sum(), (weights * dist_tok).sum()]
-    numerators.append(torch.zeros((), dtype=compute_dtype, device=device))
-    conf_prob: Tensor | None = None
-    if confidence_logits is not None:
-        conf = confidence_logits.reshape(-1).index_select(0, slots.index).to(compute_dtype)
-        bce = F.binary_cross_entropy_with_logits(conf, alpha, reduction="none")
-        numerators[2] = (weights * bce).sum()
-        conf_prob = torch.sigmoid(conf.detach())
+    numerators, alpha, conf_prob = _slot_terms(
+        slots, lm_head_weight, markov_w2_weight, confidence_logits, config, compute_dtype
+    )
 
     # Everything that crosses ranks goes in one float64 vector and one all_reduce.
     stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
     stats = _local_statistics(
-        weights=weights,
+        weights=slots.weights,
         term_numerators=(numerators[0], numerators[1], numerators[2]),
         alpha=alpha,
         index=slots.index,
@@ -210,6 +193,40 @@ def _supervised_slots(
     if targets.numel() > 0 and bool(((targets < 0) | (targets >= vocab_size)).any()):
         raise ValueError(f"labels must lie in [0, {vocab_size}) wherever eval_mask is true.")
     return _Slots(index, weights, hidden, teacher, targets, latent)
+
+
+def _slot_terms(
+    slots: _Slots,
+    lm_head_weight: Tensor,
+    markov_w2_weight: Tensor | None,
+    confidence_logits: Tensor | None,
+    config: DSparkLossConfig,
+    compute_dtype: torch.dtype,
+) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """The weighted CE, L1 and confidence sums over the supervised slots, each slot's acceptance
+    ``alpha`` and the confidence head's probabilities (``None`` without the head)."""
+    device = slots.hidden.device
+    chunk = config.chunk_size if config.chunk_size is not None else max(int(slots.index.numel()), 1)
+    # The vocabulary terms are fp32 by design; a caller's bf16 autocast must not downcast the
+    # matmuls (it would also mix dtypes inside the in-place addmm). Backward disables it itself.
+    with torch.autocast(device_type=device.type, enabled=False):
+        # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
+        ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
+            slots.hidden, slots.latent, slots.teacher, slots.targets, lm_head_weight, markov_w2_weight,
+            chunk, compute_dtype,
+        )  # fmt: skip
+    alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
+
+    weights = slots.weights
+    numerators = [(weights * ce_tok).sum(), (weights * dist_tok).sum()]
+    numerators.append(torch.zeros((), dtype=compute_dtype, device=device))
+    conf_prob: Tensor | None = None
+    if confidence_logits is not None:
+        conf = confidence_logits.reshape(-1).index_select(0, slots.index).to(compute_dtype)
+        bce = F.binary_cross_entropy_with_logits(conf, alpha, reduction="none")
+        numerators[2] = (weights * bce).sum()
+        conf_prob = torch.sigmoid(conf.detach())
+    return numerators, alpha, conf_prob
 
 
 def _normalised_output(

@@ -74,20 +74,23 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     plt = _pyplot()
     out = Path(output_dir) if output_dir is not None else (run if run.is_dir() else run.parent) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    return [
+        _loss_chart(plt, records, out / "loss.png"),
+        _tau_chart(plt, records, out / "tau.png"),
+        _acceptance_chart(plt, records, out / "acceptance.png"),
+    ]
 
+
+def _loss_chart(plt: Any, records: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in ("loss", "ce", "l1", "confidence_loss"):
         steps, values = _series(records, key)
         if steps:
             ax.plot(steps, values, label=key, linewidth=2 if key == "loss" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("training loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "loss.png", plt))
+    return _finish(plt, fig, ax, path, ylabel="loss", title="training loss")
 
+
+def _tau_chart(plt: Any, records: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     # Runs written before the rename log the proxy as "tau" and the per-slot proxy as "accept_rate@k".
     proxy = "tau_proxy" if any("tau_proxy" in r for r in records) else "tau"
@@ -95,13 +98,10 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
         steps, values = _series(records, key)
         if steps:
             ax.plot(steps, values, label=label, marker="o" if key == "eval_tau" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens per verify round")
-    ax.set_title("tau")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "tau.png", plt))
+    return _finish(plt, fig, ax, path, ylabel="tokens per verify round", title="tau")
 
+
+def _acceptance_chart(plt: Any, records: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     slot_prefix = "alpha@" if any(_positions(r, "alpha@")[0] for r in records) else "accept_rate@"
     with_rates = [r for r in records if _positions(r, slot_prefix)[0]]
@@ -113,22 +113,33 @@ def plot_run(run_dir: str | Path, output_dir: str | Path | None = None) -> list[
     evaluated = [r for r in records if _positions(r, "eval_accept_rate@")[0]]
     if evaluated:
         positions, rates = _positions(evaluated[-1], "eval_accept_rate@")
-        ax.plot(
-            positions,
-            rates,
-            marker="s",
-            linestyle="--",
-            label=f"decoding, P(more than k accepted), step {int(evaluated[-1]['step'])}",
-        )
-    ax.set_xlabel("block position k")
-    ax.set_ylabel("acceptance")
+        label = f"decoding, P(more than k accepted), step {int(evaluated[-1]['step'])}"
+        ax.plot(positions, rates, marker="s", linestyle="--", label=label)
     ax.set_ylim(0, 1.05)
-    ax.set_title("acceptance per position")
-    if picks or evaluated:
+    return _finish(
+        plt, fig, ax, path, xlabel="block position k", ylabel="acceptance", title="acceptance per position",
+        legend=bool(picks or evaluated),
+    )  # fmt: skip
+
+
+def _finish(
+    plt: Any,
+    fig: Any,
+    ax: Any,
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    xlabel: str = "step",
+    legend: bool = True,
+) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
         ax.legend()
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "acceptance.png", plt))
-    return written
+    return _save(fig, path, plt)
 
 
 def _save(fig: Any, path: Path, plt: Any) -> Path:

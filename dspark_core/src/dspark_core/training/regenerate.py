@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -252,6 +252,76 @@ def _chat_rows(paths: Sequence[str | Path]) -> Iterator[tuple[int, ChatRow | Tok
             index += 1
 
 
+def _input_rows(
+    inputs: str | Path | Sequence[str | Path] | Iterable[ChatRow],
+) -> Iterable[tuple[int, ChatRow | TokenRow]]:
+    if isinstance(inputs, str | Path):
+        return _chat_rows([inputs])
+    if isinstance(inputs, Sequence) and all(isinstance(p, str | Path) for p in inputs):
+        return _chat_rows([p for p in inputs if isinstance(p, str | Path)])
+    return enumerate(inputs)  # type: ignore[arg-type]
+
+
+def _rows_to_answer(
+    source: Iterable[tuple[int, ChatRow | TokenRow]],
+    *,
+    done: int,
+    limit: int | None,
+    stats: RegenerateStats,
+    skipped: Callable[[int], object],
+) -> Iterator[tuple[int, ChatRow]]:
+    """The rows still to answer: not past ``limit``, not already written, with a user turn."""
+    for index, row in source:
+        if limit is not None and index >= limit:
+            return
+        stats.rows_read += 1
+        if index <= done:
+            stats.rows_already_done += 1
+            skipped(1)
+            continue
+        if isinstance(row, TokenRow):
+            raise DatasetError(
+                f"{row.origin or f'row {index}'}: regenerate needs chat rows, not pre-tokenised ones"
+            )
+        if not any(m.role == "user" for m in row.messages):
+            stats.rows_skipped_no_prompt += 1
+            skipped(1)
+            continue
+        yield index, row
+
+
+@dataclass
+class _AnswerWriter:
+    """Answers one batch of rows and appends them durably (fsync per batch, so resume is exact)."""
+
+    target: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    sampling: SamplingConfig
+    chat_template_kwargs: Mapping[str, Any] | None
+    handle: Any
+    stats: RegenerateStats
+    advance: Callable[[int], object]
+
+    def write(self, batch: Sequence[tuple[int, ChatRow]]) -> None:
+        conversations, turns, tokens = regenerate_rows(
+            self.target,
+            self.tokenizer,
+            [row for _, row in batch],
+            self.sampling,
+            chat_template_kwargs=self.chat_template_kwargs,
+            seed=rank_seed(self.sampling.seed, batch[0][0], "regenerate-batch"),
+        )
+        for (index, row), messages in zip(batch, conversations, strict=True):
+            record = {"messages": messages, "row": index, "source": str(row.origin) if row.origin else None}
+            self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.stats.rows_written += len(batch)
+        self.stats.turns_generated += turns
+        self.stats.tokens_generated += tokens
+        self.advance(len(batch))
+
+
 def regenerate(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -274,18 +344,11 @@ def regenerate(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sampling = sampling or SamplingConfig()
     if tokenizer.chat_template is None:
         raise DatasetError(
             "the tokenizer has no chat template, so chat rows cannot be rendered for the target; set "
             "tokenizer.chat_template"
         )
-    if isinstance(inputs, str | Path):
-        source: Iterable[tuple[int, ChatRow | TokenRow]] = _chat_rows([inputs])
-    elif isinstance(inputs, Sequence) and all(isinstance(p, str | Path) for p in inputs):
-        source = _chat_rows([p for p in inputs if isinstance(p, str | Path)])
-    else:
-        source = enumerate(inputs)  # type: ignore[arg-type]
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     done = resume_point(output)
@@ -293,52 +356,28 @@ def regenerate(
     was_training = target.training
     target.eval()
     bar = tqdm(total=limit, desc="regenerate", unit="row", disable=not progress, dynamic_ncols=True)
-    batch: list[tuple[int, ChatRow]] = []
-
-    def flush(handle: Any) -> None:
-        rows = [row for _, row in batch]
-        conversations, turns, tokens = regenerate_rows(
-            target,
-            tokenizer,
-            rows,
-            sampling,
-            chat_template_kwargs=chat_template_kwargs,
-            seed=rank_seed(sampling.seed, batch[0][0], "regenerate-batch"),
-        )
-        for (index, row), messages in zip(batch, conversations, strict=True):
-            record = {"messages": messages, "row": index, "source": str(row.origin) if row.origin else None}
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-        stats.rows_written += len(batch)
-        stats.turns_generated += turns
-        stats.tokens_generated += tokens
-        bar.update(len(batch))
-        batch.clear()
-
     try:
         with output.open("a", encoding="utf-8") as handle:
-            for index, row in source:
-                if limit is not None and index >= limit:
-                    break
-                stats.rows_read += 1
-                if index <= done:
-                    stats.rows_already_done += 1
-                    bar.update(1)
-                    continue
-                if isinstance(row, TokenRow):
-                    raise DatasetError(
-                        f"{row.origin or f'row {index}'}: regenerate needs chat rows, not pre-tokenised ones"
-                    )
-                if not any(m.role == "user" for m in row.messages):
-                    stats.rows_skipped_no_prompt += 1
-                    bar.update(1)
-                    continue
-                batch.append((index, row))
+            writer = _AnswerWriter(
+                target,
+                tokenizer,
+                sampling or SamplingConfig(),
+                chat_template_kwargs,
+                handle,
+                stats,
+                bar.update,
+            )
+            rows = _rows_to_answer(
+                _input_rows(inputs), done=done, limit=limit, stats=stats, skipped=bar.update
+            )
+            batch: list[tuple[int, ChatRow]] = []
+            for item in rows:
+                batch.append(item)
                 if len(batch) == batch_size:
-                    flush(handle)
+                    writer.write(batch)
+                    batch = []
             if batch:
-                flush(handle)
+                writer.write(batch)
     finally:
         bar.close()
         target.train(was_training)
