@@ -51,7 +51,7 @@ def prepare(root: Path) -> tuple[Path, Path]:
     return target_dir, data
 
 
-def trainer_config(target_dir: Path, data: Path, output: Path, max_steps: int) -> Any:
+def trainer_config(target_dir: Path, data: Path, output: Path, max_steps: int, log_every: int) -> Any:
     from dspark_core.training.config import TrainConfig
 
     return TrainConfig.from_mapping(
@@ -68,7 +68,7 @@ def trainer_config(target_dir: Path, data: Path, output: Path, max_steps: int) -
             "batch_size": 1,
             "max_steps": max_steps,
             "lr": 1e-4,
-            "log_every": 10**9,
+            "log_every": log_every,  # one line per round: the trainer logs only at log_every steps
             "save_every": 10**9,
             "keep_last": 1,
             "progress": False,
@@ -145,7 +145,7 @@ def main() -> None:
         root = Path(tmp)
         target_dir, data = prepare(root)
         total = (args.rounds + 1) * args.steps
-        trainer = Trainer(trainer_config(target_dir, data, root / "run", total))
+        trainer = Trainer(trainer_config(target_dir, data, root / "run", total, args.steps))
         # The bare loops train their own copies, so that the three loops start from equal weights.
         bare = BareLoop(_copy_trainer_draft(trainer), online=False)
         online = BareLoop(_copy_trainer_draft(trainer), online=True)
@@ -153,6 +153,8 @@ def main() -> None:
         for round_index in range(args.rounds + 1):
             bare_tps = bare.run(args.steps)
             online_tps = online.run(args.steps)
+            # The metrics window opened when the last round logged; the bare loops have run since.
+            trainer.window.reset()
             trainer.train(stop_at=(round_index + 1) * args.steps)
             trainer_tps = float(read_metrics(root / "run")[-1]["tokens_per_s"])
             if round_index:  # round 0 warms up allocators and kernels

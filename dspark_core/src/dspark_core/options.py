@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 from dspark_core.errors import DraftConfigError
-from dspark_core.validation import is_real, require_choice
+from dspark_core.validation import is_int, is_real, require_choice
 
 if TYPE_CHECKING:
     import torch
@@ -104,7 +104,7 @@ class DSparkLossConfig:
                 f"DSparkLossConfig.decay_gamma must be > 0, or None for no decay; got {gamma!r}."
             )
         chunk = self.chunk_size
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        if chunk is not None and (not is_int(chunk) or chunk < 1):
             raise DraftConfigError(
                 "DSparkLossConfig.chunk_size must be an integer >= 1, or None for no chunking; "
                 f"got {chunk!r}."

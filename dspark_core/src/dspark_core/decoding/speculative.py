@@ -39,6 +39,7 @@ from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.features import LayerCapture, capture_layer_outputs
 from dspark_core.modeling.fit import target_text_config
 from dspark_core.modeling.sampling import check_sampling_options, filtered_probs
+from dspark_core.validation import is_int
 
 __all__ = ["plain_generate", "speculative_generate"]
 
@@ -141,7 +142,7 @@ def _checked_prompt(
 ) -> Tensor:
     prompt = _prompt_row(input_ids)
     check_sampling_options(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     return prompt
 
@@ -177,7 +178,7 @@ def _checked_proposal_options(
     block_size = int(draft.config.block_size)  # type: ignore[union-attr,arg-type]
     if proposal_length is None:
         proposal_length = block_size
-    if isinstance(proposal_length, bool) or not isinstance(proposal_length, int) or proposal_length < 1:
+    if not is_int(proposal_length) or proposal_length < 1:
         raise ValueError(
             f"proposal_length must be an int of at least 1, got {proposal_length!r}: every round drafts at "
             "least one slot"

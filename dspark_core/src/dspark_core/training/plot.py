@@ -15,6 +15,7 @@ from typing import Any
 
 from dspark_core.errors import DSparkError
 from dspark_core.training.metrics import read_metrics
+from dspark_core.validation import is_real
 
 __all__ = ["PlotError", "plot_run"]
 
@@ -42,7 +43,7 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[float], list[
     steps, values = [], []
     for record in records:
         value = record.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        if is_real(value):
             steps.append(float(record["step"]))
             values.append(float(value))
     return steps, values
