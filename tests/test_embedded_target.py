@@ -218,3 +218,28 @@ def test_quickstart_example_config_matches_the_command() -> None:
     built_in = training_config(QuickstartPaths(Path("runs/quickstart")))
     assert from_file.to_dict() == {**built_in.to_dict(), "overwrite": True}
     assert set(TRAINING) <= set(built_in.to_dict()) | set(built_in.to_dict()["draft"])
+
+
+def test_quickstart_runs_end_to_end_and_a_second_run_reuses_every_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The README's first command, scaled down; DIR is relative, as the default runs/quickstart is.
+    monkeypatch.chdir(tmp_path)
+    command = [
+        "quickstart", "qs", "--train-rows", "8", "--heldout-prompts", "2", "--max-steps", "2",
+        "--max-new-tokens", "8", "--json", "--no-progress",
+    ]  # fmt: skip
+    assert cli_main(command) == 0
+    first = capsys.readouterr().out
+    figures = json.loads((tmp_path / "qs" / "heldout.json").read_text())
+    assert figures["prompts"] == 2 and figures["identical"] == 2  # greedy speculative == plain
+    assert figures["tau"] >= 1.0 and len(figures["accept_rate"]) == 6
+    assert "target: installed" in first and "data: wrote" in first
+    export = tmp_path / "qs" / "run" / "draft" / "model.safetensors"
+    trained_at = export.stat().st_mtime_ns
+
+    assert cli_main(command) == 0
+    second = capsys.readouterr().out
+    assert "target: reusing" in second and "data: reusing" in second and "draft: reusing" in second
+    assert export.stat().st_mtime_ns == trained_at
+    assert json.loads((tmp_path / "qs" / "heldout.json").read_text())["identical"] == 2

@@ -129,7 +129,10 @@ def evaluate_heldout(paths: QuickstartPaths, *, max_new_tokens: int, progress: b
     target = AutoModelForCausalLM.from_pretrained(paths.target, dtype=torch.float32).eval()
     draft = load_draft(paths.draft, target).eval()
     prompts = heldout_prompts(paths, tokenizer)
-    eos = list(target.generation_config.eos_token_id or [tokenizer.eos_token_id])
+    # A generation config may hold one eos id or a list; the decoding loop takes either.
+    eos = target.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
     bar = tqdm(
         total=len(prompts), desc="held-out decoding", unit="prompt", disable=not progress, dynamic_ncols=True
     )
@@ -159,7 +162,8 @@ def run_quickstart(
     from dspark_core.targets.shipped import install_shipped_target
     from dspark_core.training.code_demo import build_code_demo_data
 
-    paths = QuickstartPaths(Path(root))
+    # Resolved: the trainer records absolute paths, and reuse compares against that record.
+    paths = QuickstartPaths(Path(root).resolve())
     _, target_record, reused = install_shipped_target(paths.target)
     log(
         f"target: {'reusing' if reused else 'installed'} {paths.target} (pretrained Qwen3, held-out "
