@@ -63,6 +63,26 @@ def test_demo_prompts_come_from_disjoint_files() -> None:
     )
 
 
+def test_the_prompt_limit_counts_template_tokens_and_keeps_the_counts() -> None:
+    from transformers import AutoTokenizer
+
+    from dspark_core.training.code_demo import prompt_fits
+    from dspark_core.training.data import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_DIR)
+    corpus = Corpus.stdlib()
+    recipe = CodeDemoRecipe(num_train=50, num_heldout=10, max_prompt_tokens=96)
+    lengths = {
+        t.source: len(encode_prompt(tokenizer, t.messages(with_answer=False)))
+        for t in select_tasks(corpus, CodeDemoRecipe(num_train=50, num_heldout=10))[1]
+    }
+    assert any(n > 96 for n in lengths.values())  # the limit has something to leave out here
+    train, heldout = select_tasks(corpus, recipe, fits=lambda t: prompt_fits(t, tokenizer, 96))
+    assert len(train) == 50 and len(heldout) == 10
+    for task in train + heldout:
+        assert len(encode_prompt(tokenizer, task.messages(with_answer=False))) <= 96
+
+
 def test_pretraining_is_deterministic_and_recorded(small_corpus: Corpus, tmp_path: Path) -> None:
     first, _, reused = make_pretrained_target(tmp_path / "a", QUICK, corpus=small_corpus)
     second, _, _ = make_pretrained_target(tmp_path / "b", QUICK, corpus=small_corpus)

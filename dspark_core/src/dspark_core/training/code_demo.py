@@ -23,6 +23,9 @@ from dspark_core.targets.code_tasks import CODE_TASK_FORMAT, CodeTask, code_task
 from dspark_core.targets.corpus import Corpus
 
 RECORD_NAME = "data.json"
+# 2: prompts over max_prompt_tokens are left out before the even spread, so the counts hold
+# (1 counted a tokenizer's BatchEncoding keys, not its tokens, and left nothing out).
+SELECTION_FORMAT = 2
 TRAIN_NAME = "train.jsonl"
 HELDOUT_NAME = "heldout.jsonl"
 
@@ -49,10 +52,16 @@ def spread(tasks: Sequence[CodeTask], count: int) -> list[CodeTask]:
     return [tasks[int(i * step)] for i in range(count)]
 
 
-def select_tasks(corpus: Corpus, recipe: CodeDemoRecipe) -> tuple[list[CodeTask], list[CodeTask]]:
-    """(train tasks, held-out tasks), from disjoint files; depends on nothing but the corpus."""
-    train = spread(list(code_tasks(corpus.split("train"))), recipe.num_train)
-    heldout = spread(list(code_tasks(corpus.split("heldout"))), recipe.num_heldout)
+def select_tasks(
+    corpus: Corpus, recipe: CodeDemoRecipe, fits: Callable[[CodeTask], bool] | None = None
+) -> tuple[list[CodeTask], list[CodeTask]]:
+    """(train tasks, held-out tasks), from disjoint files, among the tasks that ``fits`` accepts.
+
+    Depends on nothing but the corpus and ``fits`` (the prompt-length limit): no model output.
+    """
+    keep = fits or (lambda _: True)
+    train = spread([t for t in code_tasks(corpus.split("train")) if keep(t)], recipe.num_train)
+    heldout = spread([t for t in code_tasks(corpus.split("heldout")) if keep(t)], recipe.num_heldout)
     return train, heldout
 
 
@@ -62,11 +71,11 @@ def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     os.replace(partial, path)
 
 
-def _fits(task: CodeTask, tokenizer: Any, limit: int) -> bool:
-    ids = tokenizer.apply_chat_template(task.messages(with_answer=False), add_generation_prompt=True)
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
-    return len(ids) <= limit
+def prompt_fits(task: CodeTask, tokenizer: Any, limit: int) -> bool:
+    """Whether the task's prompt, as the target's chat template encodes it, has at most ``limit`` tokens."""
+    from dspark_core.training.data import encode_prompt
+
+    return len(encode_prompt(tokenizer, task.messages(with_answer=False))) <= limit
 
 
 def answer_tasks(
@@ -129,15 +138,16 @@ def build_code_demo_data(
         "recipe": recipe.as_dict(),
         "corpus": corpus.record(),
         "code_task_format": CODE_TASK_FORMAT,
+        "selection_format": SELECTION_FORMAT,
         "target_weights_sha256": target_files,
     }
     previous = existing_record(out, inputs)
     if previous is not None:
         return out, previous, True
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    train, heldout = select_tasks(corpus, recipe)
-    train = [t for t in train if _fits(t, tokenizer, recipe.max_prompt_tokens)]
-    heldout = [t for t in heldout if _fits(t, tokenizer, recipe.max_prompt_tokens)]
+    train, heldout = select_tasks(
+        corpus, recipe, fits=lambda task: prompt_fits(task, tokenizer, recipe.max_prompt_tokens)
+    )
     out.mkdir(parents=True, exist_ok=True)
     # The held-out prompts are written first, from the corpus alone: they are fixed before training.
     _write_jsonl(
