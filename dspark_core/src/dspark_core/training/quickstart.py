@@ -80,12 +80,15 @@ def training_config(paths: QuickstartPaths, overrides: dict[str, Any] | None = N
 def trained_draft(paths: QuickstartPaths, config: Any) -> bool:
     """Whether the run folder already holds a verified export trained with exactly ``config``."""
     from dspark_core.training.checkpoint import verify_export
+    from dspark_core.training.trainer import normalise_paths
 
     try:
         saved = json.loads((paths.run / "run.json").read_text()).get("config", {})
     except (OSError, ValueError, AttributeError):
         return False
     # The export is written once, after the last step, so a valid one means the run finished.
+    # The run records absolute paths; a relative DIR (the default) must compare equal to them.
+    config = normalise_paths(config)
     same = not config.incompatibilities(saved) and not config.adjustments(saved)
     return same and not verify_export(paths.draft)
 
@@ -162,8 +165,7 @@ def run_quickstart(
     from dspark_core.targets.shipped import install_shipped_target
     from dspark_core.training.code_demo import build_code_demo_data
 
-    # Resolved: the trainer records absolute paths, and reuse compares against that record.
-    paths = QuickstartPaths(Path(root).resolve())
+    paths = QuickstartPaths(Path(root))
     _, target_record, reused = install_shipped_target(paths.target)
     log(
         f"target: {'reusing' if reused else 'installed'} {paths.target} (pretrained Qwen3, held-out "

@@ -67,7 +67,8 @@ class TrainResult:
     last_metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def _normalise_paths(config: TrainConfig) -> TrainConfig:
+def normalise_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its paths absolute, as the run records them in ``run.json``."""
     # Resuming from another working directory must compare equal paths equal.
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
@@ -88,7 +89,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, *, context: DistributedContext | None = None) -> None:
         config.validate()
-        self.config = config = _normalise_paths(config)
+        self.config = config = normalise_paths(config)
         self.ctx = ctx = context or DistributedContext.from_environment(config.device)
         self.run_dir = Path(config.output_dir)
         self.checkpointer = Checkpointer(self.run_dir, config.keep_last, ctx)
