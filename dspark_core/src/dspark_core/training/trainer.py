@@ -69,6 +69,7 @@ class TrainResult:
 
 def normalise_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with its paths absolute, as the run records them in ``run.json``."""
+
     # Resuming from another working directory must compare equal paths equal.
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve())
