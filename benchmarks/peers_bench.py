@@ -24,15 +24,15 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dspark_core.datagen.code_demo import TRAIN_NAME, build_code_demo_data
 from dspark_core.decoding import plain_generate, speculative_generate
 from dspark_core.loading import load_draft
+from dspark_core.quickstart import TRAINING, QuickstartPaths, heldout_prompts
 from dspark_core.targets.builders import TinyTargetShape, build_tiny_model
 from dspark_core.targets.pretrain import PretrainRecipe, train_on_stream
 from dspark_core.targets.shipped import install_shipped_target
-from dspark_core.training.code_demo import TRAIN_NAME, build_code_demo_data
 from dspark_core.training.config import TrainConfig
 from dspark_core.training.data import encode_prompt, read_jsonl
-from dspark_core.training.quickstart import TRAINING, QuickstartPaths, heldout_prompts
 from dspark_core.training.trainer import train
 
 

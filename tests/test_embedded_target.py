@@ -13,13 +13,13 @@ import pytest
 
 from dspark_core import hookimpl
 from dspark_core.cli import main as cli_main
+from dspark_core.datagen.code_demo import CodeDemoRecipe, select_tasks
 from dspark_core.errors import DSparkError
 from dspark_core.targets.build import PretrainedTargetSpec, make_pretrained_target
 from dspark_core.targets.corpus import Corpus
 from dspark_core.targets.pretrain import PretrainRecipe
 from dspark_core.targets.shipped import SHIPPED_DIR, install_shipped_target, verify
 from dspark_core.testing import isolated_registry
-from dspark_core.training.code_demo import CodeDemoRecipe, select_tasks
 
 CORE_SOURCE = Path(__file__).resolve().parents[1] / "dspark_core" / "src" / "dspark_core"
 QUICK = PretrainedTargetSpec(
@@ -66,7 +66,7 @@ def test_demo_prompts_come_from_disjoint_files() -> None:
 def test_the_prompt_limit_counts_template_tokens_and_keeps_the_counts() -> None:
     from transformers import AutoTokenizer
 
-    from dspark_core.training.code_demo import prompt_fits
+    from dspark_core.datagen.code_demo import prompt_fits
     from dspark_core.training.data import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(SHIPPED_DIR)
@@ -215,7 +215,7 @@ def test_target_and_data_build_with_the_network_unreachable(tmp_path: Path) -> N
     )
     script = (
         "from dspark_core.targets.shipped import install_shipped_target\n"
-        "from dspark_core.training.code_demo import CodeDemoRecipe, build_code_demo_data\n"
+        "from dspark_core.datagen.code_demo import CodeDemoRecipe, build_code_demo_data\n"
         f"install_shipped_target({str(tmp_path / 'target')!r})\n"
         f"build_code_demo_data({str(tmp_path / 'target')!r}, {str(tmp_path / 'data')!r}, "
         "CodeDemoRecipe(num_train=4, num_heldout=2, max_new_tokens=4, batch_size=4), progress=False)\n"
@@ -230,8 +230,8 @@ def test_target_and_data_build_with_the_network_unreachable(tmp_path: Path) -> N
 
 
 def test_quickstart_example_config_matches_the_command() -> None:
+    from dspark_core.quickstart import TRAINING, QuickstartPaths, training_config
     from dspark_core.training.config import TrainConfig
-    from dspark_core.training.quickstart import TRAINING, QuickstartPaths, training_config
 
     example = Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml"
     from_file = TrainConfig.from_file(example)

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dspark_core.cli import main as cli_main
+from dspark_core.datagen.regenerate import SamplingConfig, regenerate, resume_point
 from dspark_core.training.data import DatasetError
-from dspark_core.training.regenerate import SamplingConfig, regenerate, resume_point
 from dspark_qwen3.testing import make_tiny_target
 
 MAX_NEW = 6

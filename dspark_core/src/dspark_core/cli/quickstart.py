@@ -35,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
     import json
     from dataclasses import replace
 
-    from dspark_core.training.code_demo import CodeDemoRecipe
-    from dspark_core.training.quickstart import run_quickstart
+    from dspark_core.datagen.code_demo import CodeDemoRecipe
+    from dspark_core.quickstart import run_quickstart
 
     recipe = CodeDemoRecipe()
     if args.train_rows is not None:

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dspark_core.datagen.regenerate import SamplingConfig, regenerate
     from dspark_core.model_dirs import require_model_dir
-    from dspark_core.training.regenerate import SamplingConfig, regenerate
 
     device = args.device
     if device == "auto":

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from dspark_core.datagen.demo import DEMO_DATA_NAME, demo_prompts
 from dspark_core.training.config import TrainConfig
 from dspark_core.training.data import DatasetError, encode_prompt, prompt_turns, read_jsonl
-from dspark_core.training.demo import DEMO_DATA_NAME, demo_prompts
 from dspark_core.training.distributed import DistributedContext, rank_seed
 
 __all__ = ["Evaluator", "load_eval_prompts"]

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dspark_core.datagen.demo import DEMO_DATA_NAME, write_demo_data
 from dspark_core.errors import DraftConfigError
 from dspark_core.model_dirs import architectures_of, require_model_dir, text_config_of
 from dspark_core.modeling.draft_config import TargetLayerWarning
@@ -37,7 +38,6 @@ from dspark_core.training.data import (
     pack_examples,
     resolve_mask_token_id,
 )
-from dspark_core.training.demo import DEMO_DATA_NAME, write_demo_data
 from dspark_core.training.distributed import DistributedContext
 
 __all__ = [

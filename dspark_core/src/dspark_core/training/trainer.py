@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dspark_core.datagen.demo import DEMO_DATA_NAME
 from dspark_core.modeling.loss import DSparkObjective
 from dspark_core.options import resolve_attention, resolve_dtype
 from dspark_core.training.checkpoint import Checkpointer, CheckpointInfo
 from dspark_core.training.config import ConfigError, TrainConfig
 from dspark_core.training.data import DataPosition, DatasetError, iter_batches
-from dspark_core.training.demo import DEMO_DATA_NAME
 from dspark_core.training.distributed import DistributedContext, full_state_dicts, load_full_state_dicts
 from dspark_core.training.evaluate import Evaluator, load_eval_prompts
 from dspark_core.training.health import LossGuard, LossSpikeError, NonFiniteLossError
