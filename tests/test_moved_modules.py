@@ -1,4 +1,4 @@
-"""The data-generation modules moved out of ``training/``; their old import paths still work for one release."""
+"""Data generation moved out of ``training/``; the old import paths still work for one release."""
 
 from __future__ import annotations
 
