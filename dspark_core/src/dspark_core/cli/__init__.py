@@ -7,6 +7,7 @@ heavy code is imported inside its ``run`` function, so ``dspark list`` stays fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -63,10 +64,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_requested_command(arguments))
     args = parser.parse_args(arguments)
-    with warnings.catch_warnings():
-        # Plugins' and libraries' warnings reach the user as one line each, not Python's two-line form.
+    from dspark_core.cli.library_output import routed_library_output
+
+    # Commands that never load a model skip transformers' import (`dspark list` stays fast).
+    library_output = (
+        contextlib.nullcontext()
+        if args.command in _NO_MODEL_COMMANDS
+        else routed_library_output(verbose=args.verbose)
+    )
+    with warnings.catch_warnings(), library_output:
+        # Plugins' and libraries' warnings and log records reach the user as one line each.
         warnings.showwarning = one_line_showwarning(verbose=args.verbose)
         return _run(args)
+
+
+#: Commands (and aliases) that load no model, so transformers' output needs no routing.
+_NO_MODEL_COMMANDS = frozenset({"list", "plugins", "resolve", "verify", "plot"})
 
 
 def _run(args: argparse.Namespace) -> int:
