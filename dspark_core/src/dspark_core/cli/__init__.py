@@ -39,14 +39,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspark", description="DSpark draft models: plugins, decoding, training."
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="show tracebacks and third-party libraries' full output"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, aliases, module_name in COMMANDS:
         if only is not None and only != name and only not in aliases:
             continue
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, aliases=list(aliases), help=module.HELP, description=module.HELP)
-        command.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: `dspark --verbose CMD` must not be reset by the subcommand's own default.
+        command.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and third-party libraries' full output",
+        )
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser

@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 __all__ = ["OneLineLogHandler", "one_line", "routed_library_output"]
 
@@ -70,10 +70,13 @@ def routed_library_output(*, verbose: bool) -> Iterator[None]:
     previous = list(root.handlers)
     bars = hf_logging.is_progress_bar_enabled()
     handler = OneLineLogHandler(level=logging.WARNING)
+    # Untyped in transformers: called through typed names.
+    disable_bars: Callable[[], None] = hf_logging.disable_progress_bar
+    enable_bars: Callable[[], None] = hf_logging.enable_progress_bar
     for old in previous:
         root.removeHandler(old)
     root.addHandler(handler)
-    hf_logging.disable_progress_bar()
+    disable_bars()
     try:
         yield
     finally:
@@ -81,4 +84,4 @@ def routed_library_output(*, verbose: bool) -> Iterator[None]:
         for old in previous:
             root.addHandler(old)
         if bars:
-            hf_logging.enable_progress_bar()
+            enable_bars()

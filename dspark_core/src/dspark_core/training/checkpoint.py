@@ -502,7 +502,7 @@ class CheckpointManager:
             self._remove_checkpoint(info.path)
             removed.append(info.path)
         kept = done[max(0, len(done) - self.keep_last) :]
-        if removed and kept:
+        if len(kept) >= self.keep_last:  # where a valid checkpoint of its step would be pruned
             for step, path in self.quarantined():
                 if step < kept[0].step:
                     self._remove_checkpoint(path)
