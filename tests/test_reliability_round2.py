@@ -167,7 +167,7 @@ def test_two_trainings_into_one_directory_one_is_refused_naming_the_holder(
     first, second = start_train(config), start_train(config)
     outcomes = {}
     for process in (first, second):
-        out, err = process.communicate(timeout=TIMEOUT_S)
+        _out, err = process.communicate(timeout=TIMEOUT_S)
         outcomes[process.pid] = (process.returncode, err)
     codes = sorted(code for code, _ in outcomes.values())
     assert codes == [0, 1], outcomes
@@ -177,8 +177,8 @@ def test_two_trainings_into_one_directory_one_is_refused_naming_the_holder(
     assert len(lines) == 1, refusal
     assert re.fullmatch(
         rf"dspark train: error: {re.escape(str(run_dir))} is in use by another training run "
-        rf"\(pid {winner} on host {re.escape(os.uname().nodename)}, since .*\); wait for it to end, or train into another "
-        r"output directory",
+        rf"\(pid {winner} on host {re.escape(os.uname().nodename)}, since .*\); "
+        r"wait for it to end, or train into another output directory",
         lines[0],
     ), lines[0]
     assert [r["step"] for r in read_metrics(run_dir)] == [3, 6, 8]  # each line once
