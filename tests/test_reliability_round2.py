@@ -321,7 +321,7 @@ def test_a_full_disk_in_the_final_export_is_one_line(
 ) -> None:
     run_dir = small_tmpfs / "run"
     trainer = Trainer(TrainConfig.from_mapping(options(target_dir, data_file, run_dir)))
-    trainer.train(stop_at=8)  # the last checkpoint, not yet exported
+    trainer.train(stop_at=7)  # a checkpoint at step 7, not exported (that happens at max_steps)
     assert trainer.last_checkpoint is not None and not (run_dir / "draft").exists()
     fill(small_tmpfs, 16 * 1024)
     with pytest.raises(
@@ -338,14 +338,14 @@ def test_a_full_disk_while_metrics_are_appended_is_one_line(
     from dspark_core.training.metrics import MetricsLog
 
     log = MetricsLog(small_tmpfs / "metrics.jsonl", active=True)
-    fill(small_tmpfs, 0)
+    fill(small_tmpfs, 8 * 1024)  # room for a few lines, then a line that tears at the edge
     record = {"step": 1, "loss": 1.0, "padding": "x" * 1000}
     with pytest.raises(checkpoint.DiskFullError) as info:
         for step in range(1, 10_000):
             log.write({**record, "step": step})
     assert re.fullmatch(DISK_FULL.format(path=re.escape(str(log.path))), str(info.value))
     steps = [r["step"] for r in read_metrics(log.path)]
-    assert steps == list(range(1, len(steps) + 1))  # whole lines only: the torn one was cut back
+    assert steps and steps == list(range(1, len(steps) + 1))  # whole lines: the torn one was cut back
     assert log.path.read_bytes().endswith(b"\n")
 
 

@@ -96,7 +96,10 @@ def guard_disk_space(
         cleanup()
         raise
     except Exception as exc:
-        wanted = needed()
+        try:
+            wanted = needed()
+        except OSError:  # the estimate must not hide the original error
+            wanted = 0
         free = _free_bytes(path)
         if not is_disk_full(exc, free=free, needed=wanted):
             raise

@@ -57,6 +57,10 @@ class RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         status = os.fstat(fd)
         key = (status.st_dev, status.st_ino)
+        if key in _HELD and os.fstat(_HELD[key].fd).st_nlink == 0:
+            # The file this process locked was deleted (its directory removed) and the inode number
+            # reused: that lock guards nothing any more.
+            os.close(_HELD.pop(key).fd)
         if key in _HELD:
             os.close(fd)
             _HELD[key].users += 1
