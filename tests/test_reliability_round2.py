@@ -149,6 +149,24 @@ def test_an_edited_export_manifest_does_not_verify(
 # -- 2. one run per directory -------------------------------------------------------------------------
 
 
+def hold_lock(run_dir: Path) -> subprocess.Popen[str]:
+    """Another process holding ``run_dir``'s lock (as host 'elsewhere') for as long as it lives."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    script = (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(run_dir / 'run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        'os.write(fd, b\'{"pid": %d, "host": "elsewhere", "since": 0}\' % os.getpid())\n'
+        "print('locked', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def start_train(config_file: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(ENV_VAR, None)
@@ -189,25 +207,8 @@ def test_a_locked_directory_refuses_a_trainer_in_this_process(
     target_dir: Path, data_file: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    # Another process holds the lock for as long as it lives.
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, os, sys, time\n"
-            f"fd = os.open({str(run_dir / 'run.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\n"
-            'os.write(fd, b\'{"pid": %d, "host": "elsewhere", "since": 0}\' % os.getpid())\n'
-            "print('locked', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(run_dir)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         config = TrainConfig.from_mapping(options(target_dir, data_file, run_dir))
         with pytest.raises(
             Exception, match=rf"in use by another training run \(pid {holder.pid} on host elsewhere"
@@ -220,6 +221,37 @@ def test_a_locked_directory_refuses_a_trainer_in_this_process(
     trainer = Trainer(TrainConfig.from_mapping(options(target_dir, data_file, run_dir)))
     assert json.loads((run_dir / "run.lock").read_text())["pid"] == os.getpid()
     trainer.close()
+
+
+@pytest.mark.slow
+def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_gets_its_verdict(
+    target_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "config.json", options(target_dir, data_file, run_dir))
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+        *("-m", "dspark_core.train", "--config", str(config)),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(ENV_VAR, None)
+    holder = hold_lock(run_dir)
+    try:
+        refused = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode != 0
+    output = refused.stdout + refused.stderr
+    held = f"in use by another training run (pid {holder.pid} on host elsewhere"
+    assert f"dspark train: error: {run_dir} {held}" in output  # rank 0
+    assert f"dspark train: error: rank 0 failed: RunLockedError: {run_dir} {held}" in output  # rank 1
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing else was touched
+    # Both ranks train once the holder is gone; had rank 1 taken the lock too, rank 0 would hold it.
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((run_dir / "checkpoints" / "step-00000008" / "checkpoint.json").read_text())
+    assert manifest["world_size"] == 2
 
 
 # -- 3. resume after a kill at the very first writes ---------------------------------------------------
