@@ -243,7 +243,7 @@ def test_under_torchrun_rank_0_takes_the_lock_and_every_rank_gets_its_verdict(
         holder.wait()
     assert refused.returncode != 0
     output = refused.stdout + refused.stderr
-    held = f"in use by another training run (pid {holder.pid} on host elsewhere"
+    held = f"is in use by another training run (pid {holder.pid} on host elsewhere"
     assert f"dspark train: error: {run_dir} {held}" in output  # rank 0
     assert f"dspark train: error: rank 0 failed: RunLockedError: {run_dir} {held}" in output  # rank 1
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]  # nothing else was touched
