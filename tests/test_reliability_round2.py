@@ -474,6 +474,19 @@ def test_a_checkpoint_whose_manifest_alone_was_lost_is_quarantined_then_pruned(
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008"]
 
 
+def test_when_no_checkpoint_validates_nothing_is_moved_and_resume_keeps_refusing(
+    in_process_runs: tuple[Path, Path], target_dir: Path, data_file: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(in_process_runs[1], tmp_path / "run")
+    for manifest in (run_dir / "checkpoints").glob("step-*/checkpoint.json"):
+        edit_bytes(manifest, b'"format": "dspark-checkpoint"', b'"format": "dspark-checkpoinT"')
+    config = TrainConfig.from_mapping({**options(target_dir, data_file, run_dir), "resume": True})
+    for _attempt in range(2):  # never a silent restart from step 0
+        with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint validates \(3 found"):
+            Trainer(config)
+    assert checkpoint.quarantined(run_dir) == []
+
+
 # -- 7. response_ids against their content --------------------------------------------------------------
 
 

@@ -413,17 +413,20 @@ class CheckpointManager:
     def newest_valid(self, *, quarantine: bool = False) -> tuple[CheckpointInfo | None, list[str]]:
         """Walk back from the newest checkpoint to the newest that validates; also returns a line per
         checkpoint skipped on the way, saying why. With ``quarantine``, each one skipped is moved
-        aside to ``step-N.invalid`` (and the line says so)."""
-        skipped: list[str] = []
+        aside to ``step-N.invalid`` once a valid one is found (the line says so); when none
+        validates, nothing is moved, so that the failure is seen again and ``dspark verify`` too."""
+        skipped: list[tuple[CheckpointInfo, str]] = []
         for info in reversed(self.candidates()):
             problems = verify_directory(info.path)
             if not problems:
-                return info, skipped
-            line = f"{info.path.name} ({'; '.join(problems)})"
-            if quarantine:
-                line += f", moved aside to {self.quarantine(info.path).name}"
-            skipped.append(line)
-        return None, skipped
+                lines = [
+                    f"{bad.path.name} ({why})"
+                    + (f", moved aside to {self.quarantine(bad.path).name}" if quarantine else "")
+                    for bad, why in skipped
+                ]
+                return info, lines
+            skipped.append((info, "; ".join(problems)))
+        return None, [f"{bad.path.name} ({why})" for bad, why in skipped]
 
     def quarantine(self, path: Path) -> Path:
         """Rename a checkpoint that failed validation to ``step-N.invalid`` (``.invalid-2``, ... when
