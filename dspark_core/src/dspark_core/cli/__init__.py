@@ -87,8 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args)
 
 
-#: Commands (and aliases) that load no model, so transformers' output needs no routing.
-_NO_MODEL_COMMANDS = frozenset({"list", "plugins", "resolve", "verify", "plot"})
+#: Commands (and aliases) that load no model and must not import transformers (each has a test
+#: saying so), so its output needs no routing. A command missing here is routed: always safe.
+_NO_MODEL_COMMANDS = frozenset({"list", "plugins", "resolve", "verify", "plot", "check-draft"})
 
 
 def _run(args: argparse.Namespace) -> int:
