@@ -135,7 +135,7 @@ DAMAGE: dict[str, tuple[str, Callable[[Path], None]]] = {
     "bit-flipped weights": ("draft/model.safetensors", flip_bytes),
     "emptied manifest": ("checkpoint.json", lambda p: p.write_text("")),
     "manifest without step": ("checkpoint.json", lambda p: drop_manifest_key(p, "step")),
-    "half-pruned": ("checkpoint.json", lambda p: p.unlink()),
+    "manifest lost": ("checkpoint.json", lambda p: p.unlink()),
 }
 
 
@@ -159,8 +159,8 @@ def test_resume_skips_a_damaged_checkpoint_and_ends_like_the_uninterrupted_run(
     resumed = Trainer(TrainConfig.from_mapping({**options(target_dir, data_file, run_dir), "resume": True}))
     assert resumed.step == 4
     err = capsys.readouterr().err
-    if case != "half-pruned":  # a half-pruned directory is removed as stale, not skipped
-        assert "skipped checkpoints that do not validate: step-00000006" in err
+    assert "skipped checkpoints that do not validate: step-00000006" in err
+    assert "moved aside to step-00000006.invalid" in err  # quarantined, not deleted
     resumed.train()
     assert_same_run(run_dir, reference)
     assert all(not problems for problems in verify_run(run_dir).values())
@@ -255,7 +255,7 @@ def subprocess_reference(target_dir: Path, data_file: Path, tmp_path_factory: py
     ("kill_at", "first_stop"),
     [
         ("state-written", None),  # mid-write of a checkpoint
-        ("prune-manifest-removed", None),  # mid-prune (keep_last 3 prunes at the 4th save)
+        ("prune-moved-aside", None),  # mid-prune (keep_last 3 prunes at the 4th save)
         ("export-copied", None),  # mid-export, after the last checkpoint
         ("metrics-rewrite", 5),  # mid-rewrite of metrics.jsonl when a stopped run resumes
     ],
@@ -309,7 +309,9 @@ def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
     trainer.train(stop_at=2)
     free = shutil.disk_usage(small_tmpfs).free
     (small_tmpfs / "filler").write_bytes(b"\0" * (free - 64 * 1024))
-    with pytest.raises(DiskFullError, match=r"no space left on device \(ENOSPC\) writing .*needs about"):
+    with pytest.raises(
+        DiskFullError, match=r"no space left on device writing .*step-00000004 \(\d+ bytes needed\)"
+    ):
         trainer.train(stop_at=4)
     assert not verify_directory(run_dir / "checkpoints" / "step-00000002")
     assert not any(p.name.startswith(".tmp-") for p in (run_dir / "checkpoints").iterdir())

@@ -7,6 +7,7 @@ heavy code is imported inside its ``run`` function, so ``dspark list`` stays fas
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -38,14 +39,23 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dspark", description="DSpark draft models: plugins, decoding, training."
     )
-    parser.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--verbose", "-v", action="store_true", help="show tracebacks and third-party libraries' full output"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, aliases, module_name in COMMANDS:
         if only is not None and only != name and only not in aliases:
             continue
         module = importlib.import_module(module_name)
         command = sub.add_parser(name, aliases=list(aliases), help=module.HELP, description=module.HELP)
-        command.add_argument("--verbose", "-v", action="store_true", help="show tracebacks on errors")
+        # SUPPRESS: `dspark --verbose CMD` must not be reset by the subcommand's own default.
+        command.add_argument(
+            "--verbose",
+            "-v",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="show tracebacks and third-party libraries' full output",
+        )
         module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
@@ -63,10 +73,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_requested_command(arguments))
     args = parser.parse_args(arguments)
-    with warnings.catch_warnings():
-        # Plugins' and libraries' warnings reach the user as one line each, not Python's two-line form.
+    from dspark_core.cli.library_output import routed_library_output
+
+    # Commands that never load a model skip transformers' import (`dspark list` stays fast).
+    library_output = (
+        contextlib.nullcontext()
+        if args.command in _NO_MODEL_COMMANDS
+        else routed_library_output(verbose=args.verbose)
+    )
+    with warnings.catch_warnings(), library_output:
+        # Plugins' and libraries' warnings and log records reach the user as one line each.
         warnings.showwarning = one_line_showwarning(verbose=args.verbose)
         return _run(args)
+
+
+#: Commands (and aliases) that load no model and must not import transformers (each has a test
+#: saying so), so its output needs no routing. A command missing here is routed: always safe.
+_NO_MODEL_COMMANDS = frozenset({"list", "plugins", "resolve", "verify", "plot", "check-draft"})
 
 
 def _run(args: argparse.Namespace) -> int:

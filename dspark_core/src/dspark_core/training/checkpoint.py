@@ -3,27 +3,35 @@
 A run directory holds::
 
     run.json                    what the run is (its config); marks the directory as a dspark run
+    run.lock                    flock'ed by the one process training into the directory (see run_lock.py)
     metrics.jsonl               one line per logged step (see ``metrics.py``)
     data/                       built-in demo data, when ``data: demo`` is used
     checkpoints/step-00000500/  one checkpoint:
         trainer_state.pt          trainable weights, optimizer, scheduler, loss history (CPU tensors)
         rng/rank-00000.pt         every rank's RNG states and its open metrics window
         draft/                    a ``save_pretrained`` export of the draft
-        checkpoint.json           the manifest, written last: step, data position, world size, and
-                                  the size and SHA-256 of every other file
+        checkpoint.json           the manifest, written last: step, data position, world size, the
+                                  size and SHA-256 of every other file, and the SHA-256 of its own
+                                  canonical content (``manifest_sha256``)
+    checkpoints/step-00000400.invalid/  a checkpoint that failed validation, moved aside (never
+                                  deleted on sight); pruned with the valid checkpoints older than it
     draft/                      the final export, a copy of the last checkpoint's ``draft/``, with
         dspark_export.json        its own manifest of sizes and hashes
 
 A checkpoint is assembled in ``checkpoints/.tmp-step-...``, fsynced and renamed into place. It is
-*complete* only when its manifest validates against its files (:func:`verify_directory`): a torn,
-emptied or bit-flipped file, or a half-pruned directory (pruning deletes the manifest first), is not
-a checkpoint. Manifests written before file hashes existed (``version`` 1) are checked for their
-files' presence only.
+*complete* only when its manifest validates against itself and its files (:func:`verify_directory`):
+an edited or bit-flipped manifest, a torn, emptied or bit-flipped file, or a directory without its
+manifest is not a checkpoint. Pruning renames a checkpoint to ``.tmp-prune-...`` before deleting it,
+so a kill mid-prune leaves only a temporary entry. Manifests written before their own digest existed
+(``version`` 2) are checked against their files only, and before file hashes (``version`` 1) for
+their files' presence only.
+
+Every temporary entry a run writes starts with ``.tmp-`` (:data:`TMP_PREFIX`); a start removes them.
 """
 
 from __future__ import annotations
 
-import errno
+import hashlib
 import json
 import os
 import re
@@ -36,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from dspark_core.errors import DSparkError
 from dspark_core.model_dirs import file_sha256
 from dspark_core.training import faults
+from dspark_core.training.disk_space import DiskFullError, directory_size, guard_disk_space
 
 if TYPE_CHECKING:
     from dspark_core.training.distributed import DistributedContext
@@ -65,17 +74,17 @@ EXPORT_MANIFEST = "dspark_export.json"
 RUN_FILE = "run.json"
 RUN_FORMAT = "dspark-train-run"
 CHECKPOINT_FORMAT = "dspark-checkpoint"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+#: The manifest key holding the SHA-256 of the manifest's own canonical content (version 3 on).
+MANIFEST_DIGEST = "manifest_sha256"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_TMP_PREFIX = ".tmp-"
+_QUARANTINED_DIR = re.compile(r"^step-(\d+)\.invalid(?:-\d+)?$")
+TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 
 
 class CheckpointError(DSparkError, RuntimeError):
     """A checkpoint or run directory is unusable (incomplete, corrupt, foreign, or from another run)."""
-
-
-class DiskFullError(CheckpointError, OSError):
-    """A checkpoint or export could not be written for lack of space (ENOSPC)."""
 
 
 @dataclass(frozen=True)
@@ -124,13 +133,24 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsynced temporary file and a rename."""
+def atomic_write_text(path: Path, text: str, *, fault_point: str | None = None) -> None:
+    """Write ``text`` to ``path`` through a fsynced temporary file and a rename.
+
+    The temporary file is removed when the write fails; a full disk raises :class:`DiskFullError`.
+    ``fault_point`` names the crash point between the temporary file and the rename.
+    """
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    data = text.encode("utf-8")
+    try:
+        with guard_disk_space(path, lambda: len(data)), tmp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fault_point is not None:
+        faults.point(fault_point)
     os.replace(tmp, path)
     _fsync_path(path.parent)
 
@@ -151,11 +171,14 @@ def json_text(record: Any) -> str:
     return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
 
-def replace_directory(source: Path, destination: Path) -> None:
+def replace_directory(
+    source: Path, destination: Path, *, finish: Callable[[Path], None] = lambda _tmp: None
+) -> None:
     """Copy ``source`` to ``destination``, replacing it, such that ``destination`` is never half-written.
 
-    The copy goes to a fsynced temporary sibling first; the old ``destination`` is moved aside only
-    once the copy is complete, then removed.
+    The copy goes to a fsynced temporary sibling first and ``finish(copy)`` completes it (e.g. with a
+    manifest); the old ``destination`` is moved aside only once the copy is complete, then removed. A
+    failed copy leaves no temporary entry; a full disk raises :class:`DiskFullError`.
     """
     parent = destination.parent
     tmp = parent / f"{_TMP_PREFIX}{destination.name}"
@@ -163,8 +186,14 @@ def replace_directory(source: Path, destination: Path) -> None:
     for stale in (tmp, old):
         if stale.exists():
             shutil.rmtree(stale)
-    shutil.copytree(source, tmp)
-    fsync_tree(tmp)
+    try:
+        with guard_disk_space(destination, lambda: directory_size(source)):
+            shutil.copytree(source, tmp)
+            finish(tmp)
+            fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     faults.point("export-copied")
     if destination.exists():
         os.replace(destination, old)
@@ -191,7 +220,9 @@ def _file_problems(root: Path, files: Mapping[str, Any]) -> list[str]:
     problems: list[str] = []
     for relative, expected in sorted(files.items()):
         path = root / relative
-        if not path.is_file():
+        if not isinstance(expected, Mapping):
+            problems.append(f"{relative} has no size and SHA-256 in the manifest")
+        elif not path.is_file():
             problems.append(f"{relative} is missing")
         elif path.stat().st_size != expected.get("size"):
             problems.append(
@@ -202,34 +233,102 @@ def _file_problems(root: Path, files: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def manifest_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 of a manifest's canonical content: compact, key-sorted JSON of every key but the digest."""
+    body = {key: value for key, value in record.items() if key != MANIFEST_DIGEST}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def sealed(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``record`` with its own digest added under :data:`MANIFEST_DIGEST`."""
+    return {**record, MANIFEST_DIGEST: manifest_digest(record)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seal_problems(path: Path, manifest: Mapping[str, Any], *, required: bool) -> list[str]:
+    """Whether the manifest at ``path`` matches its own digest; checked before any field is used."""
+    if MANIFEST_DIGEST not in manifest:
+        return [f"{path} has no {MANIFEST_DIGEST} (its own digest)"] if required else []
+    try:
+        expected = manifest_digest(manifest)
+    except ValueError as exc:  # NaN or infinity cannot be hashed canonically: not written by dspark
+        return [f"{path} is damaged ({exc})"]
+    if manifest[MANIFEST_DIGEST] != expected:
+        return [f"{path} does not match its own digest (edited or corrupted)"]
+    return []
+
+
 def verify_directory(path: Path) -> list[str]:
-    """What is wrong with the checkpoint at ``path`` (empty when it is complete and intact)."""
+    """What is wrong with the checkpoint at ``path`` (empty when it is complete and intact).
+
+    The manifest is checked against its own digest before any of its fields is trusted, then its
+    fields' types (the step must be the directory's), then every file against the manifest.
+    """
     manifest_path = path / MANIFEST_NAME
     if not manifest_path.is_file():
-        return [f"no {MANIFEST_NAME} (an interrupted save or prune)"]
+        return [f"no {MANIFEST_NAME} (an interrupted save or prune, or a lost manifest)"]
     try:
         manifest = read_json(manifest_path)
     except CheckpointError as exc:
         return [str(exc)]
+    version = manifest.get("version", 1)
+    if not _is_int(version):
+        return [f"{manifest_path} has a non-integer version {version!r}"]
+    problems = _seal_problems(manifest_path, manifest, required=version >= 3)
+    if problems:
+        return problems
     problems = [
         f"the manifest lacks {key!r}" for key in ("step", "data_position", "config") if key not in manifest
     ]
+    problems += _field_problems(path, manifest_path, manifest)
     if manifest.get("format") != CHECKPOINT_FORMAT:
         problems.append(f"the manifest's format is {manifest.get('format')!r}, not {CHECKPOINT_FORMAT!r}")
     files = manifest.get("files")
     if isinstance(files, Mapping):
         problems += _file_problems(path, files)
-    elif int(manifest.get("version", 1)) >= MANIFEST_VERSION:
+    elif version >= 2:
         problems.append("the manifest lists no files")
     else:  # version 1 manifests predate file hashes: the files must at least be there
         problems += [f"{name} is missing" for name in (STATE_NAME, EXPORT_DIR) if not (path / name).exists()]
     return problems
 
 
+def _field_problems(path: Path, manifest_path: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """The manifest fields a resume reads, each of the type it needs (also for unsealed old versions)."""
+    problems = []
+    step: Any = manifest.get("step")
+    match = _STEP_DIR.match(path.name)
+    if "step" in manifest and not (_is_int(step) and step >= 0):
+        problems.append(f"{manifest_path}: step {step!r} is not a non-negative integer")
+    elif match and "step" in manifest and step != int(match.group(1)):
+        problems.append(f"{manifest_path}: step {step} is not the directory's step {int(match.group(1))}")
+    position = manifest.get("data_position")
+    valid_position = (
+        isinstance(position, Mapping)
+        and {"epoch", "index"} <= position.keys()
+        and all(_is_int(position[k]) and position[k] >= 0 for k in ("epoch", "index"))
+    )
+    if "data_position" in manifest and not valid_position:
+        problems.append(
+            f"{manifest_path}: data_position {position!r} is not {{epoch, index}} of integers >= 0"
+        )
+    world = manifest.get("world_size", 1)
+    if not (_is_int(world) and world >= 1):
+        problems.append(f"{manifest_path}: world_size {world!r} is not an integer >= 1")
+    if "config" in manifest and not isinstance(manifest["config"], Mapping):
+        problems.append(f"{manifest_path}: config is not an object")
+    return problems
+
+
 def write_export_manifest(directory: Path, step: int) -> None:
-    """Record the sizes and hashes of an exported draft, so that the export can be verified alone."""
+    """Record the sizes and hashes of an exported draft (and the record's own digest), so that the
+    export can be verified alone."""
     files = file_digests(directory, exclude=frozenset({EXPORT_MANIFEST}))
-    atomic_write_text(directory / EXPORT_MANIFEST, json_text({"step": step, "files": files}))
+    atomic_write_text(directory / EXPORT_MANIFEST, json_text(sealed({"step": step, "files": files})))
 
 
 def verify_export(directory: Path) -> list[str]:
@@ -238,9 +337,13 @@ def verify_export(directory: Path) -> list[str]:
     if not manifest_path.is_file():
         return [f"no {EXPORT_MANIFEST}"]
     try:
-        files = read_json(manifest_path).get("files")
+        manifest = read_json(manifest_path)
     except CheckpointError as exc:
         return [str(exc)]
+    problems = _seal_problems(manifest_path, manifest, required=False)
+    if problems:
+        return problems
+    files = manifest.get("files")
     if not isinstance(files, Mapping) or not any(name.endswith(".safetensors") for name in files):
         return ["the export manifest lists no weights (*.safetensors)"]
     return _file_problems(directory, files)
@@ -257,6 +360,14 @@ def verify_run(run_dir: Path) -> dict[str, list[str]]:
     if (run_dir / EXPORT_DIR).is_dir():
         report[EXPORT_DIR] = verify_export(run_dir / EXPORT_DIR)
     return report
+
+
+def quarantined(run_dir: Path) -> list[Path]:
+    """The checkpoints of a run that failed validation and were moved aside (``step-N.invalid``)."""
+    checkpoints = run_dir / "checkpoints"
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p for p in checkpoints.iterdir() if _QUARANTINED_DIR.match(p.name) and p.is_dir())
 
 
 # -- the checkpoints/ directory --------------------------------------------------------------------
@@ -299,26 +410,57 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def newest_valid(self) -> tuple[CheckpointInfo | None, list[str]]:
+    def newest_valid(self, *, quarantine: bool = False) -> tuple[CheckpointInfo | None, list[str]]:
         """Walk back from the newest checkpoint to the newest that validates; also returns a line per
-        checkpoint skipped on the way, saying why."""
-        skipped: list[str] = []
+        checkpoint skipped on the way, saying why. With ``quarantine``, each one skipped is moved
+        aside to ``step-N.invalid`` once a valid one is found (the line says so); when none
+        validates, nothing is moved, so that the failure is seen again and ``dspark verify`` too."""
+        skipped: list[tuple[CheckpointInfo, str]] = []
         for info in reversed(self.candidates()):
             problems = verify_directory(info.path)
             if not problems:
-                return info, skipped
-            skipped.append(f"{info.path.name} ({'; '.join(problems)})")
-        return None, skipped
+                lines = [
+                    f"{bad.path.name} ({why})"
+                    + (f", moved aside to {self.quarantine(bad.path).name}" if quarantine else "")
+                    for bad, why in skipped
+                ]
+                return info, lines
+            skipped.append((info, "; ".join(problems)))
+        return None, [f"{bad.path.name} ({why})" for bad, why in skipped]
+
+    def quarantine(self, path: Path) -> Path:
+        """Rename a checkpoint that failed validation to ``step-N.invalid`` (``.invalid-2``, ... when
+        taken); it is deleted only by :meth:`prune`, once valid checkpoints newer than it are kept."""
+        destination = path.with_name(f"{path.name}.invalid")
+        suffix = 2
+        while destination.exists():
+            destination = path.with_name(f"{path.name}.invalid-{suffix}")
+            suffix += 1
+        os.replace(path, destination)
+        _fsync_path(self.directory)
+        return destination
+
+    def quarantined(self) -> list[tuple[int, Path]]:
+        """The ``step-N.invalid`` directories, with their steps."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(
+            (int(match.group(1)), entry)
+            for entry in self.directory.iterdir()
+            if (match := _QUARANTINED_DIR.match(entry.name)) and entry.is_dir()
+        )
 
     def remove_stale(self) -> list[Path]:
-        """Delete temporary directories of interrupted saves, and step directories an interrupted prune
-        left without a manifest; returns what was removed."""
+        """Delete the temporary entries (``.tmp-*``) of interrupted saves and prunes; returns them.
+
+        A step directory without a manifest is not deleted here: it may hold intact files, so a
+        resume quarantines it like any checkpoint that does not validate.
+        """
         if not self.directory.is_dir():
             return []
         removed = []
         for entry in self.directory.iterdir():
-            half_pruned = _STEP_DIR.match(entry.name) and not (entry / MANIFEST_NAME).exists()
-            if entry.name.startswith(_TMP_PREFIX) or half_pruned:
+            if entry.name.startswith(_TMP_PREFIX):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
                 removed.append(entry)
         return removed
@@ -337,37 +479,51 @@ class CheckpointManager:
         tmp = self.temporary_path(step)
         if not tmp.is_dir():
             raise CheckpointError(f"no checkpoint of step {step} is being written ({tmp} is missing)")
-        record = {**manifest, "version": MANIFEST_VERSION, "files": file_digests(tmp)}
+        record = sealed({**manifest, "version": MANIFEST_VERSION, "files": file_digests(tmp)})
         (tmp / MANIFEST_NAME).write_text(json_text(record), encoding="utf-8")
         fsync_tree(tmp)
         faults.point("checkpoint-written")
         final = self.directory / self.step_name(step)
         if final.exists():
-            # Only a rerun of the same step (after --resume from an older checkpoint) gets here.
-            _remove_checkpoint(final)
+            # Only a rerun of the same step gets here: a valid twin is recomputed identically, a
+            # damaged one is kept aside like any other.
+            if verify_directory(final):
+                self.quarantine(final)
+            else:
+                self._remove_checkpoint(final)
         os.replace(tmp, final)
         _fsync_path(self.directory)
         self.prune()
         return CheckpointInfo(step, final)
 
     def prune(self) -> list[Path]:
-        """Delete the oldest complete checkpoints beyond ``keep_last``; returns what was removed."""
+        """Delete the oldest complete checkpoints beyond ``keep_last``, and the quarantined ones older
+        than every checkpoint kept; returns what was removed."""
         done = self.complete()
         removed = []
         for info in done[: max(0, len(done) - self.keep_last)]:
-            _remove_checkpoint(info.path)
+            self._remove_checkpoint(info.path)
             removed.append(info.path)
+        kept = done[max(0, len(done) - self.keep_last) :]
+        if len(kept) >= self.keep_last:  # where a valid checkpoint of its step would be pruned
+            for step, path in self.quarantined():
+                if step < kept[0].step:
+                    self._remove_checkpoint(path)
+                    removed.append(path)
         if removed:
             _fsync_path(self.directory)
         return removed
 
-
-def _remove_checkpoint(path: Path) -> None:
-    # The manifest goes first and durably: a prune killed half-way leaves no "complete" checkpoint.
-    (path / MANIFEST_NAME).unlink(missing_ok=True)
-    _fsync_path(path)
-    faults.point("prune-manifest-removed")
-    shutil.rmtree(path)
+    def _remove_checkpoint(self, path: Path) -> None:
+        # Renamed first, atomically: a prune killed half-way leaves a temporary entry, never a
+        # step directory without its manifest.
+        doomed = self.directory / f"{_TMP_PREFIX}prune-{path.name}"
+        if doomed.exists():
+            shutil.rmtree(doomed)
+        os.replace(path, doomed)
+        _fsync_path(self.directory)
+        faults.point("prune-moved-aside")
+        shutil.rmtree(doomed)
 
 
 # -- the Checkpointer: what a training run saves and restores ---------------------------------------
@@ -407,8 +563,28 @@ class Checkpointer:
         import torch
 
         tmp = self.manager.temporary_path(step)
-        self.ctx.on_main(lambda: self._guard_space(tmp, lambda: self.manager.begin(step)))
-        self._guard_space(tmp, lambda: torch.save(rank_state, tmp / RNG_DIR / f"rank-{self.ctx.rank:05d}.pt"))
+        final = self.manager.directory / self.manager.step_name(step)
+
+        def needed() -> int:
+            # The previous checkpoint's size, or the tensors to write: state, and the draft again.
+            previous = self.manager.latest()
+            estimate = _tensor_bytes(state) + _tensor_bytes(state.get("model")) + _tensor_bytes(rank_state)
+            return max(directory_size(previous.path) if previous else 0, directory_size(tmp), estimate)
+
+        def advice() -> str:
+            previous = self.manager.latest()
+            kept = f"the previous checkpoint {previous.path} is intact; " if previous else ""
+            return f"{kept}free space or move output_dir, then --resume"
+
+        def guarded(work: Callable[[], Any]) -> Any:
+            def cleanup() -> None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+            with guard_disk_space(final, needed, cleanup=cleanup, advice=advice):
+                return work()
+
+        self.ctx.on_main(lambda: guarded(lambda: self.manager.begin(step)))
+        guarded(lambda: torch.save(rank_state, tmp / RNG_DIR / f"rank-{self.ctx.rank:05d}.pt"))
         self.ctx.barrier()
 
         def finish() -> CheckpointInfo:
@@ -418,33 +594,14 @@ class Checkpointer:
             record = {"format": CHECKPOINT_FORMAT, "step": step, **manifest}
             return self.manager.commit(step, record)
 
-        info: CheckpointInfo = self.ctx.on_main(lambda: self._guard_space(tmp, finish))
+        info: CheckpointInfo = self.ctx.on_main(lambda: guarded(finish))
         return info
-
-    def _guard_space(self, tmp: Path, work: Callable[[], Any]) -> Any:
-        """Run ``work``; a full disk becomes one :class:`DiskFullError` naming the path and the bytes."""
-        try:
-            return work()
-        except (OSError, RuntimeError) as exc:
-            previous = self.manager.latest()
-            written = _directory_size(tmp) if tmp.exists() else 0
-            needed = max(_directory_size(previous.path) if previous else 0, written)
-            free = shutil.disk_usage(self.run_dir).free
-            if not _is_disk_full(exc, free, needed):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            kept = f"; the previous checkpoint {previous.path} is intact" if previous else ""
-            raise DiskFullError(
-                errno.ENOSPC,
-                f"no space left on device (ENOSPC) writing {tmp}: a checkpoint needs about {needed:,} bytes "
-                f"and {free:,} are free{kept}. Free space or move output_dir, then --resume",
-            ) from exc
 
     def newest_valid(self, log: Callable[[str], None]) -> CheckpointInfo | None:
         """The newest checkpoint that validates (rank 0 decides); logs a line for each one skipped."""
 
         def find() -> tuple[CheckpointInfo | None, list[str]]:
-            return self.manager.newest_valid()
+            return self.manager.newest_valid(quarantine=True)
 
         info, skipped = self.ctx.on_main(find)
         if skipped:
@@ -471,8 +628,11 @@ class Checkpointer:
         destination = self.run_dir / EXPORT_DIR
 
         def copy() -> None:
-            replace_directory(info.export_path, destination)
-            write_export_manifest(destination, info.step)
+            # The manifest is written into the copy before it replaces draft/: a full disk or a kill
+            # at any point leaves the old draft/ or the new one, whole, and no temporary entry.
+            replace_directory(
+                info.export_path, destination, finish=lambda tmp: write_export_manifest(tmp, info.step)
+            )
             problems = verify_export(destination)
             if problems:
                 raise CheckpointError(
@@ -483,13 +643,13 @@ class Checkpointer:
         return destination
 
 
-def _directory_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def _is_disk_full(exc: BaseException, free: int, needed: int) -> bool:
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return True
-    # torch.save reports any failed write as RuntimeError("... unexpected pos ..."), without an errno:
-    # it is a full disk when the free space is short of a checkpoint's size.
-    return isinstance(exc, RuntimeError) and "unexpected pos" in str(exc) and free < max(needed, 1 << 20)
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested dict/list of tensors (anything else counts 0)."""
+    if isinstance(value, Mapping):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(v) for v in value)
+    numel, element_size = getattr(value, "numel", None), getattr(value, "element_size", None)
+    if callable(numel) and callable(element_size):
+        return int(numel()) * int(element_size())
+    return 0

@@ -135,8 +135,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables clipping")
     loss_spike_factor: float = _f(
         100.0,
-        "stop the run (keeping the last good checkpoint) when the loss exceeds this multiple of its "
-        "running median, as for a NaN loss; 0 disables the check",
+        "stop the run (keeping the last good checkpoint) when the loss exceeds this multiple of the "
+        "first step's loss or of its running median, as for a NaN loss; 0 disables the check",
     )
     ignore_limits: bool = _f(
         False,
@@ -411,6 +411,29 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: The largest float32: AdamW applies its step in the parameters' precision (float32 or bf16).
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _unrepresentable_lr(v: Mapping[str, Any]) -> list[str]:
+    """An lr whose AdamW update overflows float32, refused whatever ``ignore_limits`` says.
+
+    The first step divides lr by ``1 - adam_beta1`` (bias correction) and weight decay multiplies it
+    by ``weight_decay``: past float32's range torch fails inside the optimizer step.
+    """
+    beta1, decay = v["adam_beta1"], v["weight_decay"]
+    if not (isinstance(beta1, int | float) and 0 <= beta1 < 1 and isinstance(decay, int | float)):
+        return []  # reported by their own checks
+    largest = max(v["lr"] / (1.0 - beta1), v["lr"] * decay if math.isfinite(decay) else 0.0)
+    if largest < _FLOAT32_MAX / 2:
+        return []
+    return [
+        f"lr {v['lr']!r} cannot be represented in training: AdamW's step lr/(1 - adam_beta1) or "
+        f"lr*weight_decay reaches {largest:.3g}, beyond float32's {_FLOAT32_MAX:.3g} (--ignore-limits "
+        "cannot lift this); use a far smaller lr"
+    ]
+
+
 def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
     """Every range, choice and consistency problem of the flat options ``v``."""
     problems: list[str] = []
@@ -423,7 +446,9 @@ def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
         if v[name] < 0 or (isinstance(v[name], float) and not math.isfinite(v[name])):
             problems.append(f"{name} must be a finite number >= 0, got {v[name]}")
     if not (v["lr"] > 0 and math.isfinite(v["lr"])):
-        problems.append(f"lr must be > 0, got {v['lr']}")
+        problems.append(f"lr must be a finite number > 0, got {v['lr']}")
+    else:
+        problems += _unrepresentable_lr(v)
     if v["min_lr"] > v["lr"]:
         problems.append(f"min_lr ({v['min_lr']}) must not exceed lr ({v['lr']})")
     if not v["ignore_limits"]:

@@ -135,12 +135,16 @@ class DistributedContext:
         if not self.distributed:
             return work()
         outcome: tuple[str, Any] = ("ok", None)
+        failure: Exception | None = None
         if self.is_main:
             try:
                 outcome = ("ok", work())
             except Exception as exc:
+                failure = exc
                 outcome = ("error", f"{type(exc).__name__}: {exc}")
         outcome = self.broadcast_object(outcome)
+        if failure is not None:
+            raise failure  # rank 0 reports its own error, the others that rank 0 failed
         if outcome[0] == "error":
             raise DSparkError(f"rank 0 failed: {outcome[1]}")
         result: T = outcome[1]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -187,13 +188,29 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def write(self, record: Mapping[str, Any]) -> None:
-        """Append one line (rank 0 only) and flush it."""
+        """Append one line (rank 0 only) and flush it.
+
+        A full disk raises :class:`~dspark_core.training.disk_space.DiskFullError` after cutting the
+        file back to its last whole line.
+        """
         if not self.active:
             return
+        from dspark_core.training.disk_space import guard_disk_space
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({k: _json_value(v) for k, v in record.items()}, allow_nan=False)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+        data = (line + "\n").encode("utf-8")
+        # Unbuffered: a failed write must not be retried by close() with the bytes still buffered.
+        with self.path.open("ab", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+
+            def cut_back() -> None:
+                os.ftruncate(handle.fileno(), size)
+
+            with guard_disk_space(self.path, lambda: len(data), cleanup=cut_back):
+                view = memoryview(data)
+                while view:
+                    view = view[handle.write(view) or 0 :]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -100,9 +100,17 @@ class Trainer:
         self.attention = resolve_attention(config.attn_implementation, ctx.device)
         self._bar: Any = None
 
-        run_directory = RunDirectory(config, self.checkpointer.manager, ctx)
+        self.run_directory = run_directory = RunDirectory(config, self.checkpointer.manager, ctx)
+        try:
+            self._prepare(run_directory)
+        except BaseException:
+            run_directory.release()
+            raise
+
+    def _prepare(self, run_directory: RunDirectory) -> None:
+        config, ctx = self.config, self.ctx
         resuming = run_directory.prepare(self.log)
-        self.parts = load_target(config, ctx, dtype, self.log)
+        self.parts = load_target(config, ctx, resolve_dtype(config.precision, ctx.device), self.log)
         self.data = load_training_data(config, self.parts, ctx, self.run_dir, self.attention, self.log)
         self.drafting = build_draft(config, self.parts, self.data, ctx, self.attention, self.log)
         self.optimizer, self.scheduler = build_optimizer(
@@ -312,6 +320,7 @@ class Trainer:
             "optimizer": optim_state,
             "scheduler": self.scheduler.state_dict(),
             "loss_history": self.guard.state(),
+            "first_loss": self.guard.first_loss,
         }
         manifest = {
             "data_position": self.position.to_dict(),
@@ -351,7 +360,7 @@ class Trainer:
         if adjusted:
             apply_learning_rate(self.scheduler, self.config)
             self.log(f"resuming with changed {'; '.join(adjusted)}")
-        self.guard.restore(loaded.state.get("loss_history"))
+        self.guard.restore(loaded.state.get("loss_history"), first_loss=loaded.state.get("first_loss"))
         if loaded.rank_state is not None:
             self.rng.restore(loaded.rank_state)
             if "window" in loaded.rank_state:
@@ -368,7 +377,8 @@ class Trainer:
         self.log(f"resumed from {info.path} (step {self.step})")
 
     def close(self) -> None:
-        """Leave the process group if this trainer joined it."""
+        """Give the run directory's lock back and leave the process group if this trainer joined it."""
+        self.run_directory.release()
         self.ctx.shutdown()
 
 
@@ -396,7 +406,10 @@ def train(config: TrainConfig) -> TrainResult:
     context = DistributedContext.from_environment(config.device)
     try:
         trainer = Trainer(config, context=context)
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            trainer.run_directory.release()
     except BaseException:
         context.shutdown()
         raise

@@ -7,6 +7,7 @@ prompt encoder, used by evaluation, ``dspark regenerate`` and ``dspark generate`
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from dspark_core.training.data.rows import DatasetError, Message
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["encode_prompt", "prompt_turns", "tokenize_chat"]
+__all__ = ["encode_prompt", "prompt_turns", "response_ids_mismatch", "tokenize_chat"]
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
@@ -169,6 +170,39 @@ def encode_prompt(
 
 
 _REPLY_SENTINEL = "\x00dspark-reply-{}\x00"
+
+
+def _normalised(text: str) -> str:
+    # What decoding is known to change: Unicode normal form, whitespace runs and ends (templates and
+    # clean_up_tokenization_spaces), and U+FFFD, which stands for a UTF-8 sequence split by the cut.
+    text = unicodedata.normalize("NFKC", text).replace("\ufffd", "")
+    return " ".join(text.split())
+
+
+def response_ids_mismatch(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message]) -> str | None:
+    """Why a chat row's ``response_ids`` are not the tokens of their ``content`` (``None`` when they are).
+
+    The ids are what the draft is trained on, the content what a reader sees: ids from another
+    tokenizer (all in range) would otherwise train silently. Decoding the ids (special tokens
+    skipped, as ``dspark regenerate`` writes the content) must give the content, up to
+    :func:`_normalised`.
+    """
+    for turn, message in enumerate(messages):
+        if message.response_ids is None:
+            continue
+        decoded = str(tokenizer.decode(list(message.response_ids), skip_special_tokens=True))
+        if _normalised(decoded) != _normalised(message.content):
+            return (
+                f"turn {turn}'s response_ids decode to {_excerpt(decoded)} but its content is "
+                f"{_excerpt(message.content)}: the ids are not this tokenizer's tokens of the content "
+                "(another tokenizer's?); regenerate the row with this target (dspark regenerate), or "
+                "drop response_ids"
+            )
+    return None
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _tokenize_with_response_ids(

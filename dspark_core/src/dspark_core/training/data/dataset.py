@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from dspark_core.training.data.chat import tokenize_chat
+from dspark_core.training.data.chat import response_ids_mismatch, tokenize_chat
 from dspark_core.training.data.formats import read_jsonl
 from dspark_core.training.data.rows import ChatRow, DatasetError, Example, TokenRow, where_prefix
 
@@ -87,6 +87,9 @@ class TokenizedDataset(Dataset[Example]):
                     continue
                 if tokenizer is None:
                     raise DatasetError(f"{where}chat rows need a tokenizer with a chat template")
+                mismatch = response_ids_mismatch(tokenizer, row.messages)
+                if mismatch is not None:
+                    raise DatasetError(f"{where}{mismatch}")
                 try:
                     input_ids, loss_mask = tokenize_chat(
                         tokenizer, row.messages, chat_template_kwargs=chat_template_kwargs
