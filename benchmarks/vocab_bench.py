@@ -69,7 +69,9 @@ def spread(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     )
 
 
-def measure(paths: QuickstartPaths, drafts: dict[int | None, Path], prompts: int, max_new_tokens: int) -> None:
+def measure(
+    paths: QuickstartPaths, drafts: dict[int | None, Path], prompts: int, max_new_tokens: int
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dspark_core.decoding import plain_generate, speculative_generate
@@ -95,7 +97,12 @@ def measure(paths: QuickstartPaths, drafts: dict[int | None, Path], prompts: int
                 timer = timers[size]
                 start = len(timer.times)
                 result = speculative_generate(
-                    target, loaded[size], ids, max_new_tokens=max_new_tokens, eos_token_id=eos, check_fit=False
+                    target,
+                    loaded[size],
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos,
+                    check_fit=False,
                 )
                 calls = timer.times[start:]
                 metrics = result.metrics
@@ -128,8 +135,8 @@ def flops_model() -> None:
     attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2
     layer = 2 * (attention + 3 * hidden * inter)
     fc = 2 * features * hidden * hidden  # per context row, shared with the block; counted once
-    print(f"\nmodelled FLOPs per drafted token, Qwen3-8B-shaped draft (H {hidden}, {layers} layers, r {rank}, "
-          f"V {vocab}); lm_head = 2*H*K, Markov w2 = 2*r*K")  # fmt: skip
+    print(f"\nmodelled FLOPs per drafted token, Qwen3-8B-shaped draft (H {hidden}, {layers} layers, "
+          f"r {rank}, V {vocab}); lm_head = 2*H*K, Markov w2 = 2*r*K")  # fmt: skip
     print(f"{'K':>7} | {'lm_head GFLOP':>13} | {'vs K=V':>6} | {'+ w2 GFLOP':>10} | {'share of draft':>14}")
     for size in (vocab, vocab // 2, vocab // 8):
         head = 2 * hidden * size

@@ -31,8 +31,8 @@ from dspark_core.decoding import plain_generate, speculative_generate
 from dspark_core.errors import DraftConfigError
 from dspark_core.modeling.loss import DSparkLossConfig, DSparkObjective, dspark_objective
 from dspark_core.training.config import TrainConfig
-from dspark_core.training.draft_vocabulary import select_draft_vocabulary, supervised_token_counts
 from dspark_core.training.data import Example
+from dspark_core.training.draft_vocabulary import select_draft_vocabulary, supervised_token_counts
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
 LAYOUT = json.loads((Path(__file__).parent / "fixtures" / "vllm_reduced_vocab" / "layout.json").read_text())
@@ -275,7 +275,7 @@ def test_greedy_equals_plain_decoding(head: str | None) -> None:
 
 def test_greedy_oracle_accepts_its_tokens_and_rejects_the_others() -> None:
     target = make_target(vocab=16, seed=5, bigram=True)
-    keep = list(range(0, 16, 2)) + [1, 3]
+    keep = [*range(0, 16, 2), 1, 3]
     draft = oracle(target, keep)
     ids = prompt(5, 16, 2)
     spec = speculative_generate(target, draft, ids, max_new_tokens=40, eos_token_id=[])

@@ -2,9 +2,9 @@
 
 A family subclasses it and supplies the layers (attention from the block to ``[context ; block]``),
 the norm class and ``config_from_target``. The base owns the frozen target embeddings and
-``lm_head`` (or, with a reduced vocabulary, its own trainable ``lm_head [K, H]`` and the ``d2t`` map
-from draft ids to target ids), the context projection (``fc`` + ``hidden_norm``), the Markov and confidence heads,
-the training forward (anchors, masks, objective) and the decode-time block proposal.
+``lm_head`` (or, with a reduced vocabulary, its own trainable ``lm_head [K, H]`` and the ``d2t``
+map from draft ids to target ids), the context projection (``fc`` + ``hidden_norm``), the Markov
+and confidence heads, the training forward (anchors, masks, objective) and the decode-time block proposal.
 """
 
 from __future__ import annotations
@@ -208,7 +208,9 @@ class DSparkDraftModel(PreTrainedModel):
         size, vocab = self.d2t.shape[0], int(self.config.vocab_size)
         ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
         if ids.numel() != size or bool((ids[1:] == ids[:-1]).any()):
-            raise DraftConfigError(f"the draft vocabulary needs {size} distinct target ids, got {ids.numel()}")
+            raise DraftConfigError(
+                f"the draft vocabulary needs {size} distinct target ids, got {ids.numel()}"
+            )
         if bool((ids < 0).any() or (ids >= vocab).any()):
             raise DraftConfigError(f"draft vocabulary ids must lie in [0, {vocab}) (the target's vocab_size)")
         head: Any = target.get_output_embeddings()
@@ -220,7 +222,9 @@ class DSparkDraftModel(PreTrainedModel):
         with torch.no_grad():
             self.d2t.copy_((ids - torch.arange(size)).to(self.d2t.device))
             rows = head.weight.detach().index_select(0, ids.to(head.weight.device))
-            self.lm_head.weight.copy_(rows.to(dtype=self.lm_head.weight.dtype, device=self.lm_head.weight.device))
+            self.lm_head.weight.copy_(
+                rows.to(dtype=self.lm_head.weight.dtype, device=self.lm_head.weight.device)
+            )
 
     # -- the target's weights ---------------------------------------------------------------------
 
@@ -295,8 +299,8 @@ class DSparkDraftModel(PreTrainedModel):
     def save_pretrained(
         self, save_directory: Any, *args: Any, include_target_weights: bool = True, **kwargs: Any
     ) -> Any:
-        """``save_pretrained``; ``include_target_weights=False`` writes the serving-engine form
-        without ``embed_tokens`` and (unless the vocabulary is reduced, when it is the draft's own) ``lm_head``."""
+        """``save_pretrained``; ``include_target_weights=False`` writes the serving-engine form without
+        ``embed_tokens`` and ``lm_head`` (a reduced vocabulary's ``lm_head`` is the draft's own: kept)."""
         if not include_target_weights and "state_dict" not in kwargs:
             target_keys = self.target_weight_keys
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k not in target_keys}
@@ -569,7 +573,9 @@ class DSparkDraftModel(PreTrainedModel):
             vocab = int(self.config.vocab_size)
             tokens = draft_ids[tokens]
             probs = probs.new_zeros((*probs.shape[:-1], vocab)).index_copy_(-1, draft_ids, probs)
-            logits = logits.new_full((*logits.shape[:-1], vocab), float("-inf")).index_copy_(-1, draft_ids, logits)
+            logits = logits.new_full((*logits.shape[:-1], vocab), float("-inf")).index_copy_(
+                -1, draft_ids, logits
+            )
         previous = torch.cat([anchor_tokens.unsqueeze(1), tokens[:, :-1]], dim=1)
         return BlockProposal(
             tokens=tokens, probs=probs, logits=logits, confidence=self._confidence(hidden, previous)

@@ -109,7 +109,8 @@ def check_draft_vocabulary(d2t: Tensor, vocab_size: int) -> None:
             f"the draft's d2t maps draft ids outside the target's vocabulary [0, {vocab_size}): "
             "it was built for another target or its d2t is corrupt"
         )
-    if int(ids.unique().numel()) != int(ids.numel()):
+    ordered = ids.sort().values
+    if bool((ordered[1:] == ordered[:-1]).any()):
         raise DraftConfigError("the draft's d2t maps two draft ids to the same target id: its d2t is corrupt")
 
 

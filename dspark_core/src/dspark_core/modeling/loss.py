@@ -343,7 +343,9 @@ def _check_teacher_head(
     lm_head_weight: Tensor, teacher_lm_head_weight: Tensor | None, draft_token_ids: Tensor | None
 ) -> None:
     if (teacher_lm_head_weight is None) != (draft_token_ids is None):
-        raise ValueError("teacher_lm_head_weight and draft_token_ids must be given together (or both be None).")
+        raise ValueError(
+            "teacher_lm_head_weight and draft_token_ids must be given together (or both be None)."
+        )
     if teacher_lm_head_weight is None or draft_token_ids is None:
         return
     draft_vocab, hidden_size = lm_head_weight.shape
@@ -353,7 +355,9 @@ def _check_teacher_head(
         )
     vocab = teacher_lm_head_weight.shape[0]
     if tuple(draft_token_ids.shape) != (draft_vocab,):
-        raise ValueError(f"draft_token_ids must be [K] = [{draft_vocab}], got {tuple(draft_token_ids.shape)}.")
+        raise ValueError(
+            f"draft_token_ids must be [K] = [{draft_vocab}], got {tuple(draft_token_ids.shape)}."
+        )
     if bool(((draft_token_ids < 0) | (draft_token_ids >= vocab)).any()):
         raise ValueError(f"draft_token_ids must lie in [0, {vocab}) (the teacher's vocabulary).")
 

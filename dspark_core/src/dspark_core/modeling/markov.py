@@ -186,7 +186,9 @@ class MarkovHead(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        reduced = "" if self.draft_vocab_size == self.vocab_size else f", draft_vocab_size={self.draft_vocab_size}"
+        reduced = (
+            "" if self.draft_vocab_size == self.vocab_size else f", draft_vocab_size={self.draft_vocab_size}"
+        )
         return f"type={self.head_type}, vocab_size={self.vocab_size}{reduced}, rank={self.rank}"
 
 

@@ -452,7 +452,9 @@ def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
     if v["mask_token_id"] is not None and v["mask_token"] is not None:
         problems.append("give mask_token_id or mask_token, not both")
     if v["draft_vocab_size"] is not None and v["draft_vocab_size"] < 1:
-        problems.append(f"draft_vocab_size must be >= 1, or unset for the full vocabulary, got {v['draft_vocab_size']}")
+        problems.append(
+            f"draft_vocab_size must be >= 1, or unset for the full vocabulary, got {v['draft_vocab_size']}"
+        )
     if v["stop_at_step"] is not None and v["stop_at_step"] < 1:
         problems.append(f"stop_at_step must be >= 1, got {v['stop_at_step']}")
     if v["resume"] and v["overwrite"]:

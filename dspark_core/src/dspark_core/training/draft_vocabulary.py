@@ -17,7 +17,7 @@ import torch
 from dspark_core.errors import DraftConfigError
 from dspark_core.training.data import Example, PackedRow
 
-__all__ = ["DraftVocabulary", "supervised_token_counts", "select_draft_vocabulary"]
+__all__ = ["DraftVocabulary", "select_draft_vocabulary", "supervised_token_counts"]
 
 
 @dataclass(frozen=True)

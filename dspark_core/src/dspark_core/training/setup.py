@@ -195,7 +195,9 @@ def warn_unservable(draft_config: Any, log: Log) -> None:
         log(f"warning: {summary}")
 
 
-def choose_draft_vocabulary(draft: Any, parts: TargetParts, data: TrainingData, mask_token_id: int, log: Log) -> None:
+def choose_draft_vocabulary(
+    draft: Any, parts: TargetParts, data: TrainingData, mask_token_id: int, log: Log
+) -> None:
     """Give a reduced-vocabulary draft the training data's most frequent supervised tokens, plus EOS."""
     vocab_size = int(parts.text_config.vocab_size)
     eos = _token_list(getattr(parts.text_config, "eos_token_id", None))

@@ -112,7 +112,9 @@ class Trainer:
             config, load_eval_prompts(config, self.parts.tokenizer), ctx, fsdp=self.drafting.fsdp
         )
         # A reduced-vocabulary draft's teacher is the target's own lm_head (the draft's covers K tokens).
-        teacher_head = self.target.get_output_embeddings().weight if self.draft.has_reduced_vocabulary else None
+        teacher_head = (
+            self.target.get_output_embeddings().weight if self.draft.has_reduced_vocabulary else None
+        )
         self.objective = DSparkObjective(config.loss, teacher_lm_head=teacher_head)
         self.guard = LossGuard(config.loss_spike_factor)
         self.window = WindowMetrics(ctx.device)
