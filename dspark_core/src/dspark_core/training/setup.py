@@ -247,7 +247,7 @@ def build_draft(
         warnings.simplefilter("ignore", TargetLayerWarning)
         torch.manual_seed(config.seed)
         draft: Any = parts.spec.build_draft(parts.target, **options)
-    if draft.has_reduced_vocabulary:
+    if getattr(draft, "has_reduced_vocabulary", False):
         choose_draft_vocabulary(draft, parts, data, mask_token_id, log)
     warn_unservable(draft.config, log)
     # Master weights in fp32; bf16 comes from autocast.
