@@ -2,7 +2,7 @@
 and the modelled draft ``lm_head`` FLOPs on a 152k vocabulary.
 
     flock /work/heavy.lock python benchmarks/vocab_bench.py [--root runs/vocab-bench] [--max-steps 150]
-        [--num-train 400] [--prompts 20] [--max-new-tokens 64] [--threads 1]
+        [--num-train 400] [--prompts 20] [--max-new-tokens 64] [--threads 1] [--divisors 1,2,8]
 
 The quickstart's pieces at smaller sizes: the shipped pretrained Qwen3 target (V = 4096), code data
 answered by it, then one draft per K trained with the quickstart's settings (``--max-steps`` each,
@@ -156,6 +156,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--divisors", default="1,2,8", help="K = V / d for each d (1: the full vocabulary), comma-separated"
+    )
     parser.add_argument("--flops-only", action="store_true")
     args = parser.parse_args()
     flops_model()
@@ -165,8 +168,9 @@ def main() -> None:
     paths = QuickstartPaths(Path(args.root))
     install_shipped_target(paths.target)
     build_code_demo_data(paths.target, paths.data, CodeDemoRecipe(num_train=args.num_train), progress=False)
-    vocab = 4096
-    drafts = train_drafts(paths, [None, vocab // 2, vocab // 8], args.max_steps)
+    vocab = 4096  # the shipped target's
+    sizes = [None if int(d) == 1 else vocab // int(d) for d in args.divisors.split(",")]
+    drafts = train_drafts(paths, sizes, args.max_steps)
     measure(paths, drafts, args.prompts, args.max_new_tokens)
 
 
