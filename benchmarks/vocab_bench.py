@@ -1,8 +1,8 @@
 """What a reduced draft vocabulary buys: proposal time and tau at K = V, V/2, V/8 on the embedded target,
 and the modelled draft ``lm_head`` FLOPs on a 152k vocabulary.
 
-    flock /work/heavy.lock python benchmarks/vocab_bench.py [--root runs/vocab-bench] [--max-steps 150]
-        [--num-train 400] [--prompts 20] [--max-new-tokens 64] [--threads 1] [--divisors 1,2,8]
+    flock /work/heavy.lock python benchmarks/vocab_bench.py [--root runs/vocab-bench] [--max-steps 300]
+        [--num-train 1200] [--prompts 20] [--max-new-tokens 64] [--threads 1] [--divisors 1,2,8]
 
 The quickstart's pieces at smaller sizes: the shipped pretrained Qwen3 target (V = 4096), code data
 answered by it, then one draft per K trained with the quickstart's settings (``--max-steps`` each,
@@ -10,7 +10,9 @@ answered by it, then one draft per K trained with the quickstart's settings (``-
 a rotating order (interleaved), timing each ``propose`` call. Per prompt: the mean proposal time and
 tau (tokens committed per verify round, bonus token counted); the table gives the median over prompts
 with min-max. Each draft's output is also checked against plain decoding (greedy must be identical).
-The FLOPs model is arithmetic, not timed. Prints tables, asserts nothing.
+A draft already trained under ``--root`` is reused (delete its ``run-k*`` folder to retrain after
+changing ``--max-steps`` or the data). The FLOPs model is arithmetic, not timed. Prints tables,
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -151,8 +153,8 @@ def flops_model() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", default="runs/vocab-bench")
-    parser.add_argument("--max-steps", type=int, default=150)
-    parser.add_argument("--num-train", type=int, default=400)
+    parser.add_argument("--max-steps", type=int, default=300)
+    parser.add_argument("--num-train", type=int, default=1200)
     parser.add_argument("--prompts", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
