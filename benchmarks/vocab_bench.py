@@ -4,7 +4,7 @@ and the modelled draft ``lm_head`` FLOPs on a 152k vocabulary.
     flock /work/heavy.lock python benchmarks/vocab_bench.py [--root runs/vocab-bench] [--max-steps 300]
         [--num-train 1200] [--prompts 20] [--max-new-tokens 64] [--threads 1] [--divisors 1,2,8]
 
-The quickstart's pieces at smaller sizes: the shipped pretrained Qwen3 target (V = 4096), code data
+The quickstart's pieces: the shipped pretrained Qwen3 target (V = 4096), code data
 answered by it, then one draft per K trained with the quickstart's settings (``--max-steps`` each,
 ``draft_vocab_size`` the only difference). Every held-out prompt is decoded greedily by each draft in
 a rotating order (interleaved), timing each ``propose`` call. Per prompt: the mean proposal time and
@@ -86,7 +86,9 @@ def measure(
     timers = {size: ProposalTimer(draft) for size, draft in loaded.items()}
     eos = target.generation_config.eos_token_id
     order = list(loaded)
-    per_prompt: dict[int | None, dict[str, list[float]]] = {s: {"ms": [], "tau": []} for s in order}
+    per_prompt: dict[int | None, dict[str, list[float]]] = {
+        s: {"ms": [], "tau": [], "tok": []} for s in order
+    }
     identical = dict.fromkeys(order, 0)
     rounds = dict.fromkeys(order, 0)
     committed = dict.fromkeys(order, 0)
@@ -110,6 +112,7 @@ def measure(
                 metrics = result.metrics
                 per_prompt[size]["ms"].append(statistics.fmean(calls))
                 per_prompt[size]["tau"].append(metrics.new_tokens / len(metrics.committed_per_round))
+                per_prompt[size]["tok"].append(metrics.total_time_s / metrics.new_tokens)
                 rounds[size] += len(metrics.committed_per_round)
                 committed[size] += metrics.new_tokens
                 identical[size] += int(result.sequences.tolist() == plain.sequences.tolist())
@@ -117,14 +120,15 @@ def measure(
     print(f"\nheld-out prompts: {len(items)}, greedy, {max_new_tokens} new tokens, torch threads "
           f"{torch.get_num_threads()}; median over prompts (min-max)")  # fmt: skip
     print(f"{'K':>6} | {'proposal ms/call':>20} | {'vs K=V':>7} | {'tau per prompt':>18} | "
-          f"{'tau pooled':>10} | greedy = plain")  # fmt: skip
+          f"{'tau pooled':>10} | {'decode ms/token':>19} | greedy = plain")  # fmt: skip
     for size in order:
         ms = per_prompt[size]["ms"]
         ratio = f"{statistics.median(ms) / full_ms:.2f}x" if full_ms else "-"
         label = f"{size or vocab}"
         print(
             f"{label:>6} | {spread(ms, 1e3, 3):>20} | {ratio:>7} | {spread(per_prompt[size]['tau']):>18} | "
-            f"{committed[size] / rounds[size]:>10.2f} | {identical[size]}/{len(items)}"
+            f"{committed[size] / rounds[size]:>10.2f} | {spread(per_prompt[size]['tok'], 1e3):>19} | "
+            f"{identical[size]}/{len(items)}"
         )
 
 
