@@ -58,19 +58,33 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return target, data
 
 
-def single_process(target: Path, data: Path, output: Path) -> Trainer:
+def single_process(target: Path, data: Path, output: Path, **extra: Any) -> Trainer:
     assert not dist.is_initialized()
     config = TrainConfig.from_mapping(
-        {**OPTIONS, "target": str(target), "data": [str(data)], "output_dir": str(output), "batch_size": 4}
+        {
+            **OPTIONS,
+            **extra,
+            "target": str(target),
+            "data": [str(data)],
+            "output_dir": str(output),
+            "batch_size": 4,
+        }
     )
     trainer = Trainer(config)
     trainer.train()
     return trainer
 
 
-def torchrun(target: Path, data: Path, output: Path, parallelism: str, *extra: str) -> None:
+def torchrun(
+    target: Path,
+    data: Path,
+    output: Path,
+    parallelism: str,
+    *extra: str,
+    options: dict[str, Any] | None = None,
+) -> None:
     flags: list[str] = list(extra)
-    for key, value in {**OPTIONS, "batch_size": 2, "parallelism": parallelism}.items():
+    for key, value in {**OPTIONS, **(options or {}), "batch_size": 2, "parallelism": parallelism}.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else "--no-" + key.replace("_", "-"))
@@ -99,25 +113,29 @@ def torchrun(target: Path, data: Path, output: Path, parallelism: str, *extra: s
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
+NO_FSDP = pytest.mark.skipif(not fsdp_available(), reason="this torch has no FSDP2 fully_shard")
+
+
 @pytest.mark.parametrize(
-    "parallelism",
+    ("parallelism", "draft_vocab_size"),
     [
-        "ddp",
-        pytest.param(
-            "fsdp",
-            marks=pytest.mark.skipif(not fsdp_available(), reason="this torch has no FSDP2 fully_shard"),
-        ),
+        ("ddp", None),
+        pytest.param("fsdp", None, marks=NO_FSDP),
+        # A reduced vocabulary: its own trainable lm_head and d2t, through both wrappers.
+        ("ddp", 64),
+        pytest.param("fsdp", 64, marks=NO_FSDP),
     ],
 )
 def test_two_gloo_ranks_match_one_rank_on_the_combined_batch(
-    setup: tuple[Path, Path], tmp_path: Path, parallelism: str
+    setup: tuple[Path, Path], tmp_path: Path, parallelism: str, draft_vocab_size: int | None
 ) -> None:
     target, data = setup
-    reference = single_process(target, data, tmp_path / "one")
+    extra = {} if draft_vocab_size is None else {"draft_vocab_size": draft_vocab_size}
+    reference = single_process(target, data, tmp_path / "one", **extra)
     # The two-rank run is interrupted after step 2 and resumed, to cover every rank's saved state too.
-    torchrun(target, data, tmp_path / "two", parallelism, "--stop-at-step", "2")
+    torchrun(target, data, tmp_path / "two", parallelism, "--stop-at-step", "2", options=extra)
     assert [r["step"] for r in read_metrics(tmp_path / "two")] == [1, 2]
-    torchrun(target, data, tmp_path / "two", parallelism, "--resume")
+    torchrun(target, data, tmp_path / "two", parallelism, "--resume", options=extra)
 
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, STEPS + 1))
@@ -130,6 +148,9 @@ def test_two_gloo_ranks_match_one_rank_on_the_combined_batch(
     exported = load_file(tmp_path / "two" / "draft" / "model.safetensors")
     for name, param in reference.draft.named_parameters():
         torch.testing.assert_close(exported[name], param.detach(), rtol=1e-4, atol=1e-5, msg=name)
+    if draft_vocab_size is not None:
+        assert torch.equal(exported["d2t"], reference.draft.d2t)
+        assert reference.draft.lm_head.weight.requires_grad
     last = tmp_path / "two" / "checkpoints" / f"step-{STEPS:08d}"
     assert json.loads((last / "checkpoint.json").read_text())["world_size"] == 2
     assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]

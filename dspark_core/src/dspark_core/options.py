@@ -70,6 +70,12 @@ class DSparkDraftOptions:
     confidence_head_with_markov: bool = _f(
         True, "the confidence head also sees the Markov embedding (always false with markov_rank 0)"
     )
+    draft_vocab_size: int | None = _f(
+        None,
+        "reduced draft vocabulary K: the draft's own lm_head covers the K most frequent supervised target "
+        "tokens (plus EOS) and maps them back with d2t; unset (or the target's vocab_size) keeps the full "
+        "vocabulary",
+    )
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 A family subclasses it and supplies the layers (attention from the block to ``[context ; block]``),
 the norm class and ``config_from_target``. The base owns the frozen target embeddings and
-``lm_head``, the context projection (``fc`` + ``hidden_norm``), the Markov and confidence heads,
-the training forward (anchors, masks, objective) and the decode-time block proposal.
+``lm_head`` (or, with a reduced vocabulary, its own trainable ``lm_head [K, H]`` and the ``d2t``
+map from draft ids to target ids), the context projection (``fc`` + ``hidden_norm``), the Markov
+and confidence heads, the training forward (anchors, masks, objective) and the decode-time block proposal.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from dspark_core.errors import DraftConfigError
 from dspark_core.modeling import blocks, masks
 from dspark_core.modeling.attention import RotaryEmbedding
 from dspark_core.modeling.confidence import ConfidenceHead
-from dspark_core.modeling.draft_config import validate_dspark_config
+from dspark_core.modeling.draft_config import draft_vocab_size_of, validate_dspark_config
 from dspark_core.modeling.fit import check_config_fits_target, check_shares_target_weights
 from dspark_core.modeling.markov import MarkovHead, build_markov_head
 from dspark_core.modeling.sampling import filtered_probs
 
 TARGET_WEIGHT_KEYS = ("embed_tokens.weight", "lm_head.weight")
+#: The buffer of a reduced-vocabulary draft: ``target_id = draft_id + d2t[draft_id]`` (vLLM's name).
+DRAFT_TO_TARGET_KEY = "d2t"
 
 
 class DraftKVCache:
@@ -81,6 +84,8 @@ class DraftKVCache:
 class BlockProposal:
     """One decode-time proposal: slot k proposes the token for position ``s + k + 1``."""
 
+    # Always in target ids and over the target's vocabulary, even for a reduced-vocabulary draft
+    # (whose q is zero, and logits -inf, outside the K tokens it can propose).
     tokens: Tensor  # [b, n] long
     probs: Tensor  # [b, n, V] float32: q_k, the (filtered) distribution token k was drawn from
     logits: Tensor  # [b, n, V] float32, Markov-corrected, unfiltered
@@ -100,7 +105,7 @@ class DSparkDraftOutput:
     eval_mask: Tensor  # [b, N, B] bool: the slots the objective supervises
     anchors: Tensor  # [b, N]
     keep: Tensor  # [b, N] bool
-    logits: Tensor | None = None  # [b, N, B, V] float32, only with return_logits
+    logits: Tensor | None = None  # [b, N, B, K] float32 over the draft's vocabulary, only with return_logits
 
 
 class DSparkDraftModel(PreTrainedModel):
@@ -113,6 +118,7 @@ class DSparkDraftModel(PreTrainedModel):
     """
 
     base_model_prefix = ""
+    d2t: Tensor | None
     supports_gradient_checkpointing = False
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -121,6 +127,7 @@ class DSparkDraftModel(PreTrainedModel):
         super().__init__(config)
         validate_dspark_config(config)
         hidden, vocab = config.hidden_size, config.vocab_size
+        draft_vocab = draft_vocab_size_of(config)
         num_features = len(config.target_layer_ids)
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.layers = self.build_layers(config)
@@ -128,11 +135,17 @@ class DSparkDraftModel(PreTrainedModel):
         self.rotary_emb = RotaryEmbedding(config)
         self.fc = nn.Linear(num_features * hidden, hidden, bias=False)
         self.hidden_norm = self.make_norm(config)
-        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+        self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
+        # Only a reduced vocabulary has d2t, filled by select_draft_vocabulary or loaded; a None buffer
+        # is not in the state dict, so full-vocabulary drafts keep their keys.
+        d2t = torch.zeros(draft_vocab, dtype=torch.long) if draft_vocab < vocab else None
+        self.register_buffer(DRAFT_TO_TARGET_KEY, d2t)
         rank = int(getattr(config, "markov_rank", 0))
         self.markov_head: MarkovHead | None = None
         if rank > 0:
-            self.markov_head = build_markov_head(config.markov_head_type, vocab, hidden, rank)
+            self.markov_head = build_markov_head(
+                config.markov_head_type, vocab, hidden, rank, draft_vocab_size=draft_vocab
+            )
         self.confidence_head: ConfidenceHead | None = None
         if getattr(config, "enable_confidence_head", False):
             with_markov = bool(getattr(config, "confidence_head_with_markov", False))
@@ -162,10 +175,62 @@ class DSparkDraftModel(PreTrainedModel):
         reference = next(target.parameters())
         draft.to(device=reference.device, dtype=reference.dtype)  # type: ignore[call-arg]
         draft.attach_target_weights(target)
+        if draft.has_reduced_vocabulary:
+            # A placeholder vocabulary (the first K ids) until the trainer picks the data's top K.
+            draft.select_draft_vocabulary(torch.arange(draft.lm_head.out_features), target)
         return draft
 
+    # -- the vocabulary ---------------------------------------------------------------------------
+
+    @property
+    def has_reduced_vocabulary(self) -> bool:
+        """Whether the draft proposes from its own ``K < vocab_size`` tokens (``lm_head [K, H]``, ``d2t``)."""
+        return self.d2t is not None
+
+    @property
+    def target_weight_keys(self) -> tuple[str, ...]:
+        """The state-dict keys that are the target's own weights (a reduced ``lm_head`` is the draft's)."""
+        return TARGET_WEIGHT_KEYS[:1] if self.has_reduced_vocabulary else TARGET_WEIGHT_KEYS
+
+    def draft_token_ids(self) -> Tensor | None:
+        """``[K]`` the target id of each draft id (``arange(K) + d2t``); ``None`` for a full vocabulary."""
+        if self.d2t is None:
+            return None
+        return torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t
+
+    def select_draft_vocabulary(self, target_ids: Tensor, target: PreTrainedModel) -> None:
+        """Make ``target_ids`` (``K`` distinct target ids) the draft's vocabulary: ``d2t`` from their
+        sorted order, and the ``lm_head`` rows initialised from the target's rows for those tokens."""
+        if self.d2t is None:
+            raise DraftConfigError(
+                "select_draft_vocabulary needs a reduced-vocabulary draft: build it with draft_vocab_size=K"
+            )
+        size, vocab = self.d2t.shape[0], int(self.config.vocab_size)
+        ids = torch.as_tensor(target_ids, dtype=torch.long).flatten().sort().values
+        if ids.numel() != size or bool((ids[1:] == ids[:-1]).any()):
+            raise DraftConfigError(
+                f"the draft vocabulary needs {size} distinct target ids, got {ids.numel()}"
+            )
+        if bool((ids < 0).any() or (ids >= vocab).any()):
+            raise DraftConfigError(f"draft vocabulary ids must lie in [0, {vocab}) (the target's vocab_size)")
+        head: Any = target.get_output_embeddings()
+        if head is None or tuple(head.weight.shape) != (vocab, self.lm_head.in_features):
+            raise DraftConfigError(
+                f"{type(target).__name__} has no lm_head of shape {(vocab, self.lm_head.in_features)} "
+                "to initialise the draft's reduced lm_head from"
+            )
+        with torch.no_grad():
+            self.d2t.copy_((ids - torch.arange(size)).to(self.d2t.device))
+            rows = head.weight.detach().index_select(0, ids.to(head.weight.device))
+            self.lm_head.weight.copy_(
+                rows.to(dtype=self.lm_head.weight.dtype, device=self.lm_head.weight.device)
+            )
+
+    # -- the target's weights ---------------------------------------------------------------------
+
     def attach_target_weights(self, target: PreTrainedModel) -> None:
-        """Copy the target's input embeddings and ``lm_head`` into the draft, frozen."""
+        """Copy the target's input embeddings and ``lm_head`` into the draft, frozen (a reduced
+        vocabulary's own ``lm_head`` is left alone: see :meth:`select_draft_vocabulary`)."""
         embeddings: Any = target.get_input_embeddings()
         head: Any = target.get_output_embeddings()
         if embeddings is None or head is None:
@@ -174,7 +239,7 @@ class DSparkDraftModel(PreTrainedModel):
             ("embed_tokens", embeddings.weight, self.embed_tokens.weight),
             ("lm_head", head.weight, self.lm_head.weight),
         )
-        for name, source, dest in pairs:
+        for name, source, dest in pairs[: len(self.target_weight_keys)]:
             if tuple(source.shape) != tuple(dest.shape):
                 raise DraftConfigError(
                     f"the target's {name} has shape {tuple(source.shape)} but this draft expects "
@@ -186,9 +251,10 @@ class DSparkDraftModel(PreTrainedModel):
         self.freeze_target_weights()
 
     def freeze_target_weights(self) -> None:
-        """The embeddings and ``lm_head`` are the target's: never trained."""
+        """The embeddings and a full ``lm_head`` are the target's: never trained. A reduced
+        vocabulary's ``lm_head`` is the draft's own and is trained."""
         self.embed_tokens.weight.requires_grad_(False)
-        self.lm_head.weight.requires_grad_(False)
+        self.lm_head.weight.requires_grad_(self.has_reduced_vocabulary)
 
     @classmethod
     def from_pretrained(
@@ -210,7 +276,8 @@ class DSparkDraftModel(PreTrainedModel):
         model: DSparkDraftModel = loaded[0]
         info: dict[str, Any] = loaded[1]
         missing = set(info.get("missing_keys", ()))
-        absent = [key for key in TARGET_WEIGHT_KEYS if key in missing]
+        target_keys = model.target_weight_keys
+        absent = [key for key in target_keys if key in missing]
         if absent:
             if target is None:
                 raise DraftConfigError(
@@ -220,7 +287,7 @@ class DSparkDraftModel(PreTrainedModel):
                 )
             model.attach_target_weights(target)
             info["missing_keys"] = type(info["missing_keys"])(k for k in missing if k not in absent)
-        other = sorted(missing - set(TARGET_WEIGHT_KEYS))
+        other = sorted(missing - set(target_keys))
         if other:
             raise DraftConfigError(
                 f"checkpoint {str(pretrained_model_name_or_path)!r} is missing draft weights {other}; "
@@ -232,10 +299,11 @@ class DSparkDraftModel(PreTrainedModel):
     def save_pretrained(
         self, save_directory: Any, *args: Any, include_target_weights: bool = True, **kwargs: Any
     ) -> Any:
-        """``save_pretrained``; ``include_target_weights=False`` writes the serving-engine form
-        without ``embed_tokens`` and ``lm_head``."""
+        """``save_pretrained``; ``include_target_weights=False`` writes the serving-engine form without
+        ``embed_tokens`` and ``lm_head`` (a reduced vocabulary's ``lm_head`` is the draft's own: kept)."""
         if not include_target_weights and "state_dict" not in kwargs:
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k not in TARGET_WEIGHT_KEYS}
+            target_keys = self.target_weight_keys
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k not in target_keys}
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -484,6 +552,7 @@ class DSparkDraftModel(PreTrainedModel):
         if not 1 <= slots <= block_size:
             raise ValueError(f"num_slots must lie in [1, block_size={block_size}], got {slots}")
         hidden = self.block_hidden(anchor_tokens, context_features, cache)[:, :slots]
+        draft_ids = self.draft_token_ids()
         if self.markov_head is not None:
             tokens, probs, logits = self.markov_head.sample_block(
                 hidden,
@@ -493,11 +562,20 @@ class DSparkDraftModel(PreTrainedModel):
                 top_k=top_k,
                 top_p=top_p,
                 generator=generator,
+                draft_to_target=draft_ids,
             )
         else:
             logits = self.block_logits(hidden, None)
             probs = filtered_probs(logits, temperature, top_k, top_p)
             tokens = _draw(probs, generator)
+        if draft_ids is not None:
+            # Decoding sees target ids only: q is scattered onto the target vocabulary (zero elsewhere).
+            vocab = int(self.config.vocab_size)
+            tokens = draft_ids[tokens]
+            probs = probs.new_zeros((*probs.shape[:-1], vocab)).index_copy_(-1, draft_ids, probs)
+            logits = logits.new_full((*logits.shape[:-1], vocab), float("-inf")).index_copy_(
+                -1, draft_ids, logits
+            )
         previous = torch.cat([anchor_tokens.unsqueeze(1), tokens[:, :-1]], dim=1)
         return BlockProposal(
             tokens=tokens, probs=probs, logits=logits, confidence=self._confidence(hidden, previous)

@@ -116,6 +116,19 @@ def apply_dspark_fields(config: Any, options: DSparkDraftOptions, *, num_target_
         config.markov_head_type = options.markov_head_type
     if options.enable_confidence_head:
         config.confidence_head_with_markov = options.confidence_head_with_markov
+    # Written only when it reduces the vocabulary: full-vocabulary configs keep their key set.
+    if hasattr(config, "draft_vocab_size"):
+        delattr(config, "draft_vocab_size")
+    if options.draft_vocab_size is not None:
+        vocab = _require_int("vocab_size", config.vocab_size, 1)
+        reduced = _require_int("draft_vocab_size", options.draft_vocab_size, 1)
+        if reduced > vocab:
+            raise DraftConfigError(
+                f"`draft_vocab_size` {reduced} exceeds the target's vocab_size {vocab}; give K <= {vocab} "
+                "(K = vocab_size, or no draft_vocab_size, keeps the full vocabulary)"
+            )
+        if reduced < vocab:
+            config.draft_vocab_size = reduced
     validate_dspark_config(config)
     # validate_dspark_config silences the SGLang warning (it runs on every load): give it here, once.
     check_target_layer_ids(layer_ids, num_target_layers)
@@ -147,6 +160,11 @@ def validate_dspark_config(config: Any) -> None:
         # validated again on every load; the SGLang warning is given once, when the config is built
         warnings.simplefilter("ignore", TargetLayerWarning)
         check_target_layer_ids(config.target_layer_ids, num_target_layers)
+    reduced = getattr(config, "draft_vocab_size", None)
+    if reduced is not None and not 1 <= _require_int("draft_vocab_size", reduced, 1) <= vocab:
+        raise DraftConfigError(
+            f"`draft_vocab_size` {reduced} exceeds `vocab_size` {vocab}; it must lie in [1, {vocab}]"
+        )
     rank = _require_int("markov_rank", getattr(config, "markov_rank", 0), 0)
     if rank > 0:
         head_type = getattr(config, "markov_head_type", "vanilla")
@@ -163,6 +181,18 @@ def validate_dspark_config(config: Any) -> None:
             "`confidence_head_with_markov` is true but `markov_rank` is 0: the confidence head has no "
             "Markov features to read. Set confidence_head_with_markov=False or markov_rank > 0"
         )
+
+
+def draft_vocab_size_of(config: Any) -> int:
+    """The size of the draft's own vocabulary (its ``lm_head`` rows): ``draft_vocab_size`` when the
+    config has one, else the target's ``vocab_size``."""
+    reduced = getattr(config, "draft_vocab_size", None)
+    return int(config.vocab_size if reduced is None else reduced)
+
+
+def has_reduced_vocabulary(config: Any) -> bool:
+    """Whether the draft proposes from fewer tokens than the target's vocabulary (and so has ``d2t``)."""
+    return draft_vocab_size_of(config) < int(config.vocab_size)
 
 
 def parse_draft_options(options: Mapping[str, Any]) -> DSparkDraftOptions:

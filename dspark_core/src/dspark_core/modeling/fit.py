@@ -1,5 +1,6 @@
-"""Whether a draft was built for a target: its depth, vocabulary, hidden size, positions and the
-shared embeddings and ``lm_head``. :meth:`DSparkDraftModel.check_fits_target` runs these after the
+"""Whether a draft was built for a target: its depth, vocabulary, hidden size, positions, the
+shared embeddings and ``lm_head`` (a reduced vocabulary's own ``lm_head`` is not shared; its ``d2t``
+must map into the target's vocabulary). :meth:`DSparkDraftModel.check_fits_target` runs these after the
 config's own validation; this module only compares the two models.
 """
 
@@ -72,7 +73,11 @@ def check_config_fits_target(config: Any, target: nn.Module) -> None:
 def check_shares_target_weights(draft: nn.Module, target: nn.Module) -> None:
     """The draft's ``embed_tokens`` and ``lm_head`` must be the target's own (a draft loaded without
     them holds zeros or fresh random values)."""
-    for attribute, getter, what in _SHARED_WEIGHTS:
+    reduced = getattr(draft, "d2t", None)
+    shared = _SHARED_WEIGHTS[:1] if reduced is not None else _SHARED_WEIGHTS
+    if reduced is not None:
+        check_draft_vocabulary(reduced, int(target_text_config(target).vocab_size))
+    for attribute, getter, what in shared:
         mine = _weight_of(draft, attribute, getter)
         theirs = _weight_of(target, "", getter)
         if mine is None or theirs is None:
@@ -94,6 +99,19 @@ def check_shares_target_weights(draft: nn.Module, target: nn.Module) -> None:
                 f"the draft's {attribute} differs from the target's {what}: the draft was loaded without "
                 "its target's weights or was built for another target. " + _LOAD_WITH_TARGET
             )
+
+
+def check_draft_vocabulary(d2t: Tensor, vocab_size: int) -> None:
+    """A reduced vocabulary's ``d2t`` must map its ``K`` draft ids to distinct target ids in range."""
+    ids = torch.arange(d2t.shape[0], device=d2t.device) + d2t
+    if bool((ids < 0).any() or (ids >= vocab_size).any()):
+        raise DraftConfigError(
+            f"the draft's d2t maps draft ids outside the target's vocabulary [0, {vocab_size}): "
+            "it was built for another target or its d2t is corrupt"
+        )
+    ordered = ids.sort().values
+    if bool((ordered[1:] == ordered[:-1]).any()):
+        raise DraftConfigError("the draft's d2t maps two draft ids to the same target id: its d2t is corrupt")
 
 
 def _weight_of(model: nn.Module, attribute: str, getter: str) -> Tensor | None:

@@ -18,6 +18,14 @@ Term definitions (method reference, section 5), with 0-based slot ``k``:
 
 All vocabulary-sized math (the logits projection included) runs in fp32, or fp64 when an input is
 fp64.
+
+Reduced vocabulary (a draft with ``lm_head [K, H]`` and ``d2t``): the draft's ``q`` lives on ``K``
+target tokens, the teacher's ``p`` stays the target's full distribution ``softmax(t @ W_target^T)``
+(restricted, not renormalised), and ``d_k = sum_{v in K} |q_v - p_v| + (1 - sum_{v in K} p_v)``: exactly
+the L1 distance between the target's ``p`` and the draft's ``q`` scattered onto the target vocabulary, so
+``alpha_k`` is the acceptance probability decoding sees. The missing mass does not depend on the draft,
+so the gradient has the full-vocabulary form on the ``K`` tokens. ``CE_k`` is 0 for a slot whose label
+is outside the ``K`` tokens (no draft logit can name it); ``w_k`` is unchanged.
 """
 
 from __future__ import annotations
@@ -98,6 +106,8 @@ def dspark_objective(
     config: DSparkLossConfig,
     process_group: dist.ProcessGroup | None = None,
     all_reduce: bool | None = None,
+    teacher_lm_head_weight: Tensor | None = None,
+    draft_token_ids: Tensor | None = None,
 ) -> DSparkObjectiveOutput:
     """Compute the DSpark objective over ``M`` blocks of ``B`` slots.
 
@@ -106,6 +116,10 @@ def dspark_objective(
     ``[V, H]``, ``labels`` ``[M, B]`` integer, ``eval_mask`` ``[M, B]`` bool, ``confidence_logits``
     ``[M, B]`` or ``None``. Labels are read only where ``eval_mask`` is true and must lie in ``[0, V)``
     there. ``teacher_hidden`` is detached.
+
+    Reduced vocabulary: ``lm_head_weight`` is the draft's ``[K, H]``, ``teacher_lm_head_weight`` the
+    target's ``[V, H]`` and ``draft_token_ids`` ``[K]`` the target id of each draft id (both or neither);
+    labels are target ids in ``[0, V)``.
 
     Cross-rank reduction: with ``all_reduce=None`` it happens iff ``process_group`` is given or the
     default ``torch.distributed`` group is initialised; ``True`` requires an initialised group and
@@ -122,6 +136,7 @@ def dspark_objective(
         eval_mask=eval_mask,
         confidence_logits=confidence_logits,
     )
+    _check_teacher_head(lm_head_weight, teacher_lm_head_weight, draft_token_ids)
     reduce, world_size = _resolve_reduction(all_reduce, process_group)
 
     num_blocks, block_size, _ = draft_hidden.shape
@@ -129,13 +144,15 @@ def dspark_objective(
         draft_hidden, teacher_hidden, lm_head_weight, markov_latent, markov_w2_weight, confidence_logits
     )
     device = draft_hidden.device
+    teacher_head = lm_head_weight if teacher_lm_head_weight is None else teacher_lm_head_weight.detach()
     slots = _supervised_slots(
         draft_hidden, markov_latent, teacher_hidden, labels, eval_mask, config, compute_dtype,
-        vocab_size=lm_head_weight.shape[0],
+        vocab_size=teacher_head.shape[0], draft_token_ids=draft_token_ids,
     )  # fmt: skip
     numerators, alpha, conf_prob = _slot_terms(
-        slots, lm_head_weight, markov_w2_weight, confidence_logits, config, compute_dtype
-    )
+        slots, lm_head_weight, markov_w2_weight, confidence_logits, config, compute_dtype,
+        teacher_head=teacher_head, draft_token_ids=draft_token_ids,
+    )  # fmt: skip
 
     # Everything that crosses ranks goes in one float64 vector and one all_reduce.
     stats_device = torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
@@ -178,6 +195,7 @@ def _supervised_slots(
     compute_dtype: torch.dtype,
     *,
     vocab_size: int,
+    draft_token_ids: Tensor | None = None,
 ) -> _Slots:
     hidden_size = draft_hidden.shape[-1]
     index = eval_mask.reshape(-1).nonzero().squeeze(1)
@@ -192,6 +210,12 @@ def _supervised_slots(
         latent = markov_latent.reshape(-1, markov_latent.shape[-1]).index_select(0, index)
     if targets.numel() > 0 and bool(((targets < 0) | (targets >= vocab_size)).any()):
         raise ValueError(f"labels must lie in [0, {vocab_size}) wherever eval_mask is true.")
+    if draft_token_ids is not None:
+        # Target ids -> draft ids; -1 marks a label the reduced vocabulary cannot propose.
+        to_draft = torch.full((vocab_size,), -1, dtype=torch.long, device=targets.device)
+        ids = draft_token_ids.to(device=targets.device, dtype=torch.long)
+        to_draft[ids] = torch.arange(ids.numel(), device=targets.device)
+        targets = to_draft[targets]
     return _Slots(index, weights, hidden, teacher, targets, latent)
 
 
@@ -202,6 +226,9 @@ def _slot_terms(
     confidence_logits: Tensor | None,
     config: DSparkLossConfig,
     compute_dtype: torch.dtype,
+    *,
+    teacher_head: Tensor,
+    draft_token_ids: Tensor | None,
 ) -> tuple[list[Tensor], Tensor, Tensor | None]:
     """The weighted CE, L1 and confidence sums over the supervised slots, each slot's acceptance
     ``alpha`` and the confidence head's probabilities (``None`` without the head)."""
@@ -213,7 +240,7 @@ def _slot_terms(
         # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
         ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
             slots.hidden, slots.latent, slots.teacher, slots.targets, lm_head_weight, markov_w2_weight,
-            chunk, compute_dtype,
+            chunk, compute_dtype, teacher_head, draft_token_ids,
         )  # fmt: skip
     alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
 
@@ -274,10 +301,14 @@ class DSparkObjective:
         *,
         process_group: dist.ProcessGroup | None = None,
         all_reduce: bool | None = None,
+        teacher_lm_head: Tensor | None = None,
     ) -> None:
         self.config = config or DSparkLossConfig()
         self.process_group = process_group
         self.all_reduce = all_reduce
+        # The target's lm_head weight [V, H]: the teacher of a reduced-vocabulary draft, whose own
+        # lm_head covers only its K tokens (unused for a full-vocabulary draft, which holds the target's).
+        self.teacher_lm_head = teacher_lm_head
 
     def __call__(self, draft: DSparkDraftModel, output: DSparkDraftOutput) -> DSparkObjectiveOutput:
         """The objective of ``output``, a forward of ``draft`` (whose ``lm_head`` and ``markov_w2``
@@ -285,6 +316,12 @@ class DSparkObjective:
         markov = draft.markov_head
         latent = output.markov_latent
         confidence = output.confidence_logits
+        draft_ids = draft.draft_token_ids()
+        if draft_ids is not None and self.teacher_lm_head is None:
+            raise ValueError(
+                "a reduced-vocabulary draft needs the target's lm_head as teacher: "
+                "DSparkObjective(config, teacher_lm_head=target.get_output_embeddings().weight)"
+            )
         return dspark_objective(
             draft_hidden=output.hidden.flatten(0, 1),
             markov_latent=None if latent is None else latent.flatten(0, 1),
@@ -297,7 +334,32 @@ class DSparkObjective:
             config=self.config,
             process_group=self.process_group,
             all_reduce=self.all_reduce,
+            teacher_lm_head_weight=None if draft_ids is None else self.teacher_lm_head,
+            draft_token_ids=draft_ids,
         )
+
+
+def _check_teacher_head(
+    lm_head_weight: Tensor, teacher_lm_head_weight: Tensor | None, draft_token_ids: Tensor | None
+) -> None:
+    if (teacher_lm_head_weight is None) != (draft_token_ids is None):
+        raise ValueError(
+            "teacher_lm_head_weight and draft_token_ids must be given together (or both be None)."
+        )
+    if teacher_lm_head_weight is None or draft_token_ids is None:
+        return
+    draft_vocab, hidden_size = lm_head_weight.shape
+    if teacher_lm_head_weight.dim() != 2 or teacher_lm_head_weight.shape[1] != hidden_size:
+        raise ValueError(
+            f"teacher_lm_head_weight must be [V, {hidden_size}], got {tuple(teacher_lm_head_weight.shape)}."
+        )
+    vocab = teacher_lm_head_weight.shape[0]
+    if tuple(draft_token_ids.shape) != (draft_vocab,):
+        raise ValueError(
+            f"draft_token_ids must be [K] = [{draft_vocab}], got {tuple(draft_token_ids.shape)}."
+        )
+    if bool(((draft_token_ids < 0) | (draft_token_ids >= vocab)).any()):
+        raise ValueError(f"draft_token_ids must lie in [0, {vocab}) (the teacher's vocabulary).")
 
 
 def _compute_dtype(*tensors: Tensor | None) -> torch.dtype:
@@ -386,6 +448,13 @@ def _softmax_(logits: Tensor) -> Tensor:
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
 
 
+def _teacher_probs(teacher: Tensor, head: Tensor, draft_ids: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The teacher's probabilities of the draft's tokens: all of them, or (reduced vocabulary) the
+    ``K`` columns of the target's full distribution, not renormalised."""
+    probs = _softmax_(teacher.to(dtype) @ head.T)
+    return probs if draft_ids is None else probs.index_select(1, draft_ids)
+
+
 class _VocabTerms(torch.autograd.Function):
     """Per-token CE and L1 distance over the vocabulary, chunked in both passes.
 
@@ -405,8 +474,11 @@ class _VocabTerms(torch.autograd.Function):
         w2: Tensor | None,
         chunk: int,
         dtype: torch.dtype,
+        teacher_head: Tensor,
+        draft_ids: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
-        ctx.save_for_backward(hidden, latent, teacher, targets, lm_head, w2)
+        # targets are draft ids; -1 (reduced vocabulary only) marks a label the draft cannot propose.
+        ctx.save_for_backward(hidden, latent, teacher, targets, lm_head, w2, teacher_head, draft_ids)
         ctx.chunk = chunk
         ctx.dtype = dtype
         num_tokens = hidden.shape[0]
@@ -415,16 +487,21 @@ class _VocabTerms(torch.autograd.Function):
         # One cast per pass: held during the loop only, never saved.
         lm_head_c = lm_head.to(dtype)
         w2_c = w2.to(dtype) if w2 is not None else None
+        teacher_head_c = teacher_head.to(dtype)
         for start in range(0, num_tokens, chunk):
             rows = slice(start, start + chunk)
             logits = _draft_logits(
                 hidden[rows], latent[rows] if latent is not None else None, lm_head_c, w2_c, dtype
             )
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
-            ce[rows] = (log_norm - logits.gather(1, targets[rows, None])).squeeze(1)
+            labels = targets[rows]
+            label_logits = logits.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
+            ce[rows] = torch.where(labels >= 0, log_norm.squeeze(1) - label_logits, 0.0)
             probs = logits.sub_(log_norm).exp_()
-            teacher_probs = _softmax_(teacher[rows].to(dtype) @ lm_head_c.T)
-            distance[rows] = probs.sub_(teacher_probs).abs_().sum(dim=-1)
+            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype)
+            # The teacher's mass outside the draft's tokens (0 for a full vocabulary) is part of the L1.
+            outside = (1.0 - teacher_probs.sum(dim=-1)).clamp_min(0.0) if draft_ids is not None else 0.0
+            distance[rows] = probs.sub_(teacher_probs).abs_().sum(dim=-1) + outside
         return ce, distance
 
     @staticmethod
@@ -436,10 +513,11 @@ class _VocabTerms(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_ce: Tensor, grad_distance: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, latent, teacher, targets, lm_head, w2 = ctx.saved_tensors
+        hidden, latent, teacher, targets, lm_head, w2, teacher_head, draft_ids = ctx.saved_tensors
         need_hidden, need_latent, _, _, need_lm_head, need_w2 = ctx.needs_input_grad[:6]
         chunk: int = ctx.chunk
         dtype: torch.dtype = ctx.dtype
+        teacher_head_c = teacher_head.to(dtype)
         lm_head_c = lm_head.to(dtype)
         w2_c = w2.to(dtype) if w2 is not None else None
         grad_ce = grad_ce.to(dtype)
@@ -454,11 +532,14 @@ class _VocabTerms(torch.autograd.Function):
             latent_rows = latent[rows].to(dtype) if latent is not None else None
             probs = _softmax_(_draft_logits(hidden[rows], latent_rows, lm_head_c, w2_c, dtype))
             # The teacher buffer becomes s = sign(p - q), then the logits gradient.
-            grad_logits = _softmax_(teacher[rows].to(dtype) @ lm_head_c.T).neg_().add_(probs).sign_()
+            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype)
+            grad_logits = teacher_probs.neg_().add_(probs).sign_()
             s_dot_p = torch.linalg.vecdot(grad_logits, probs)
-            gce = grad_ce[rows, None]
+            labels = targets[rows, None]
+            # A label outside a reduced vocabulary has CE 0: no gradient from it.
+            gce = grad_ce[rows, None] * (labels >= 0)
             grad_logits.sub_(s_dot_p[:, None]).mul_(grad_distance[rows, None]).add_(gce).mul_(probs)
-            grad_logits.scatter_add_(1, targets[rows, None], -gce)
+            grad_logits.scatter_add_(1, labels.clamp_min(0), -gce)
             del probs
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ lm_head_c
@@ -479,6 +560,8 @@ class _VocabTerms(torch.autograd.Function):
             None,
             cast(grad_lm_head, lm_head),
             cast(grad_w2, w2),
+            None,
+            None,
             None,
             None,
         )

@@ -49,7 +49,9 @@ class MarkovHead(nn.Module):
 
     head_type: ClassVar[str]
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int) -> None:
+    def __init__(
+        self, vocab_size: int, hidden_size: int, rank: int, *, draft_vocab_size: int | None = None
+    ) -> None:
         super().__init__()
         _require_positive(
             "markov_rank",
@@ -58,11 +60,16 @@ class MarkovHead(nn.Module):
         )
         _require_positive("vocab_size", vocab_size, "It is the target's vocabulary size.")
         _require_positive("hidden_size", hidden_size, "It is the draft's hidden size.")
+        # markov_w1 reads the previous token (a target id); markov_w2 writes the draft's own vocabulary,
+        # which is the target's unless the draft has a reduced vocabulary (vLLM's layout).
+        output_size = vocab_size if draft_vocab_size is None else draft_vocab_size
+        _require_positive("draft_vocab_size", output_size, "It is the draft's lm_head size.")
         self.vocab_size = vocab_size
+        self.draft_vocab_size = output_size
         self.hidden_size = hidden_size
         self.rank = rank
         self.markov_w1 = nn.Embedding(vocab_size, rank)
-        self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
+        self.markov_w2 = nn.Linear(rank, output_size, bias=False)
 
     @property
     def param_dtype(self) -> torch.dtype:
@@ -111,13 +118,17 @@ class MarkovHead(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        draft_to_target: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Decode a block serially: ``prev_0 = first_token`` and ``prev_k`` is the token drawn at ``k - 1``.
+
+        With a reduced draft vocabulary, ``draft_to_target [K]`` holds each draft id's target id: tokens,
+        probabilities and logits stay in draft ids, and ``prev_k`` (a ``markov_w1`` row) is the target id.
 
         Args:
             hidden: ``[..., B, H]`` draft hidden states of the block's slots.
             first_token: ``[...]`` the anchor token (the block's slot-0 input).
-            lm_head: maps ``[..., H]`` to ``[..., V]`` base logits.
+            lm_head: maps ``[..., H]`` to ``[..., V]`` base logits (``V`` the draft vocabulary).
             temperature, top_k, top_p: the filter of :func:`~dspark_core.modeling.sampling.filtered_probs`;
                 temperature 0 is greedy.
             generator: the RNG for sampling (unused when greedy).
@@ -133,10 +144,10 @@ class MarkovHead(nn.Module):
                 f"and first_token {tuple(first_token.shape)}"
             )
         base_logits = lm_head(hidden).float()
-        if base_logits.shape[-1] != self.vocab_size:
+        if base_logits.shape[-1] != self.draft_vocab_size:
             raise ValueError(
-                f"lm_head gives {base_logits.shape[-1]} logits but the Markov head has "
-                f"vocab_size {self.vocab_size}"
+                f"lm_head gives {base_logits.shape[-1]} logits but the Markov head writes "
+                f"{self.draft_vocab_size}"
             )
         state = self.initial_state(first_token.shape, hidden.device)
         prev = first_token
@@ -155,7 +166,7 @@ class MarkovHead(nn.Module):
             tokens.append(token_k)
             probs.append(probs_k)
             logits.append(logits_k)
-            prev = token_k
+            prev = token_k if draft_to_target is None else draft_to_target[token_k]
         return torch.stack(tokens, dim=-1), torch.stack(probs, dim=-2), torch.stack(logits, dim=-2)
 
     def _check_block(self, hidden: Tensor, expected_prev_shape: torch.Size, prev_name: str) -> None:
@@ -175,7 +186,10 @@ class MarkovHead(nn.Module):
             )
 
     def extra_repr(self) -> str:
-        return f"type={self.head_type}, vocab_size={self.vocab_size}, rank={self.rank}"
+        reduced = (
+            "" if self.draft_vocab_size == self.vocab_size else f", draft_vocab_size={self.draft_vocab_size}"
+        )
+        return f"type={self.head_type}, vocab_size={self.vocab_size}{reduced}, rank={self.rank}"
 
 
 class _StatelessMarkovHead(MarkovHead):
@@ -209,8 +223,10 @@ class GatedMarkovHead(_StatelessMarkovHead):
 
     head_type: ClassVar[str] = "gated"
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int) -> None:
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(
+        self, vocab_size: int, hidden_size: int, rank: int, *, draft_vocab_size: int | None = None
+    ) -> None:
+        super().__init__(vocab_size, hidden_size, rank, draft_vocab_size=draft_vocab_size)
         self.gate_proj = nn.Linear(hidden_size + rank, rank)
 
     def _latent(self, hidden: Tensor, prev: Tensor) -> Tensor:
@@ -224,8 +240,10 @@ class RnnMarkovHead(MarkovHead):
 
     head_type: ClassVar[str] = "rnn"
 
-    def __init__(self, vocab_size: int, hidden_size: int, rank: int) -> None:
-        super().__init__(vocab_size, hidden_size, rank)
+    def __init__(
+        self, vocab_size: int, hidden_size: int, rank: int, *, draft_vocab_size: int | None = None
+    ) -> None:
+        super().__init__(vocab_size, hidden_size, rank, draft_vocab_size=draft_vocab_size)
         self.joint_proj = nn.Linear(2 * rank + hidden_size, 3 * rank)
 
     def initial_state(
@@ -279,8 +297,11 @@ _HEAD_CLASSES: Final[dict[str, type[MarkovHead]]] = {
 }
 
 
-def build_markov_head(head_type: str, vocab_size: int, hidden_size: int, rank: int) -> MarkovHead:
-    """Build the Markov head named by the config field ``markov_head_type``.
+def build_markov_head(
+    head_type: str, vocab_size: int, hidden_size: int, rank: int, *, draft_vocab_size: int | None = None
+) -> MarkovHead:
+    """Build the Markov head named by the config field ``markov_head_type``; ``draft_vocab_size`` is the
+    size of ``markov_w2``'s output (the draft's ``lm_head`` rows), the target's ``vocab_size`` by default.
 
     Raises:
         DraftConfigError: on an unknown ``head_type`` or a ``rank`` below 1.
@@ -292,4 +313,4 @@ def build_markov_head(head_type: str, vocab_size: int, hidden_size: int, rank: i
             f"markov_head_type={head_type!r} is not a Markov head type; use one of {allowed}, "
             "or set markov_rank=0 for a draft without a Markov head."
         )
-    return head_class(vocab_size, hidden_size, rank)
+    return head_class(vocab_size, hidden_size, rank, draft_vocab_size=draft_vocab_size)

@@ -74,6 +74,9 @@ LEGACY_ALIASES: dict[str, str] = {
     "loss_chunk_size": "chunk_size",
 }
 
+#: Options added after runs were first saved: a saved config without one resumes at its default.
+ADDED_WITH_DEFAULTS = frozenset({"draft_vocab_size"})
+
 #: Sanity maxima: past these a run exhausts memory or diverges. ``ignore_limits`` lifts them.
 LIMITS: dict[str, float] = {"block_size": 64, "num_anchors": 8192, "max_length": 131072, "lr": 0.1}
 
@@ -223,9 +226,12 @@ class TrainConfig:
         else:
             theirs = _effective(_apply({}, other, "saved config", strict=False))
         out: list[str] = []
+        defaults = _leaves(TrainConfig())
         for name, value in mine.items():
             if name in skip:
                 continue
+            if name not in theirs and name in ADDED_WITH_DEFAULTS and value == defaults[name]:
+                continue  # saved before the option existed, and this run leaves it at its default
             if name not in theirs:
                 out.append(f"{name}: (absent) -> {value!r}")
             elif _normalised(theirs[name]) != _normalised(value):
@@ -470,6 +476,10 @@ def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
         problems.append(f"chunk_size must be >= 1, or none for no chunking, got {chunk}")
     if v["mask_token_id"] is not None and v["mask_token"] is not None:
         problems.append("give mask_token_id or mask_token, not both")
+    if v["draft_vocab_size"] is not None and v["draft_vocab_size"] < 1:
+        problems.append(
+            f"draft_vocab_size must be >= 1, or unset for the full vocabulary, got {v['draft_vocab_size']}"
+        )
     if v["stop_at_step"] is not None and v["stop_at_step"] < 1:
         problems.append(f"stop_at_step must be >= 1, got {v['stop_at_step']}")
     if v["resume"] and v["overwrite"]:

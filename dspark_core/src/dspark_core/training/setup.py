@@ -39,6 +39,7 @@ from dspark_core.training.data import (
     resolve_mask_token_id,
 )
 from dspark_core.training.distributed import DistributedContext
+from dspark_core.training.draft_vocabulary import select_draft_vocabulary, supervised_token_counts
 
 __all__ = [
     "DraftParts",
@@ -194,6 +195,32 @@ def warn_unservable(draft_config: Any, log: Log) -> None:
         log(f"warning: {summary}")
 
 
+def choose_draft_vocabulary(
+    draft: Any, parts: TargetParts, data: TrainingData, mask_token_id: int, log: Log
+) -> None:
+    """Give a reduced-vocabulary draft the training data's most frequent supervised tokens, plus EOS."""
+    vocab_size = int(parts.text_config.vocab_size)
+    eos = _token_list(getattr(parts.text_config, "eos_token_id", None))
+    tokenizer_eos = getattr(parts.tokenizer, "eos_token_id", None) if parts.tokenizer is not None else None
+    eos += _token_list(tokenizer_eos)
+    size = int(draft.lm_head.out_features)
+    chosen = select_draft_vocabulary(
+        supervised_token_counts(data.rows, vocab_size), size, required=eos, excluded=[mask_token_id]
+    )
+    draft.select_draft_vocabulary(torch.tensor(chosen.token_ids), parts.target)
+    filled = f"; {chosen.filled} never-supervised ids fill the rest" if chosen.filled else ""
+    log(
+        f"draft vocabulary: {size} of {vocab_size} tokens (EOS {sorted(set(eos))} included) cover "
+        f"{chosen.coverage:.2%} of the {chosen.supervised} supervised tokens{filled}"
+    )
+
+
+def _token_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(i) for i in (value if isinstance(value, list | tuple) else [value])]
+
+
 def build_draft(
     config: TrainConfig,
     parts: TargetParts,
@@ -220,6 +247,8 @@ def build_draft(
         warnings.simplefilter("ignore", TargetLayerWarning)
         torch.manual_seed(config.seed)
         draft: Any = parts.spec.build_draft(parts.target, **options)
+    if getattr(draft, "has_reduced_vocabulary", False):
+        choose_draft_vocabulary(draft, parts, data, mask_token_id, log)
     warn_unservable(draft.config, log)
     # Master weights in fp32; bf16 comes from autocast.
     draft = draft.to(device=ctx.device, dtype=torch.float32)

@@ -119,7 +119,10 @@ class Trainer:
         self.evaluator = Evaluator(
             config, load_eval_prompts(config, self.parts.tokenizer), ctx, fsdp=self.drafting.fsdp
         )
-        self.objective = DSparkObjective(config.loss)
+        # A reduced-vocabulary draft's teacher is the target's own lm_head (the draft's covers K tokens).
+        reduced = getattr(self.draft, "has_reduced_vocabulary", False)
+        teacher_head = self.target.get_output_embeddings().weight if reduced else None
+        self.objective = DSparkObjective(config.loss, teacher_lm_head=teacher_head)
         self.guard = LossGuard(config.loss_spike_factor)
         self.window = WindowMetrics(ctx.device)
         self.step = 0
