@@ -49,4 +49,3 @@ def load_draft(
     draft = draft.to(next(target.parameters()).device).eval()
     check_draft_fits_target(draft, target)
     return draft
-

@@ -442,7 +442,9 @@ _V25 = "vllm 0.25.0 vllm"
 _V34 = "vllm 0.34.0 vllm"
 _V_MODEL = "model_executor/models/qwen3_dspark.py"
 _V_SPEC = "v1/worker/gpu/spec_decode"
-_RECEIVES = "the draft vocabulary is served: lm_head [K, H], markov_w2 [K, r] and d2t [K] load from the checkpoint"
+_RECEIVES = (
+    "the draft vocabulary is served: lm_head [K, H], markov_w2 [K, r] and d2t [K] load from the checkpoint"
+)
 
 VLLM = Engine(
     name="vLLM",
@@ -512,8 +514,7 @@ VLLM = Engine(
             "confidence-head",
             "confidence_head",
             "adaptive",
-            "builds the head when enable_confidence_head and uses it only with "
-            "enable_adaptive_verification",
+            "builds the head when enable_confidence_head and uses it only with enable_adaptive_verification",
             f"vllm 0.30.0 vllm/{_V_SPEC}/dspark/speculator.py:106-109 (0.34.0: {_V_MODEL}:220-231, "
             "speculator.py:177-180)",
             since="0.30",
@@ -733,7 +734,9 @@ def _engine_verdict(blocks: Sequence[Engine], facts: DraftFacts, release: Releas
         verdict.results.append(RuleResult("architectures", False, detail, first.dispatch.citation))
     else:
         named = f"config.architectures {facts.architectures}"
-        dispatch = RuleResult("architectures", True, f"{named}: {block.dispatch.says}", block.dispatch.citation)
+        dispatch = RuleResult(
+            "architectures", True, f"{named}: {block.dispatch.says}", block.dispatch.citation
+        )
         verdict.results.append(dispatch)
         verdict.results += [r for r in (_apply(rule, facts) for rule in block.rules_for(release)) if r]
     for result in verdict.results:

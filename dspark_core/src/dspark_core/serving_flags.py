@@ -29,7 +29,9 @@ def _block_size(facts: DraftFacts) -> int:
     return int(facts.get("block_size"))
 
 
-def vllm_serving(folder: str | Path, facts: DraftFacts, release: Release, target: str | None = None) -> dict[str, Any]:
+def vllm_serving(
+    folder: str | Path, facts: DraftFacts, release: Release, target: str | None = None
+) -> dict[str, Any]:
     """``{"speculative_config": {...}, "command": "vllm serve ..."}`` for vLLM ``release``."""
     config: dict[str, Any] = {
         "method": "dspark",
@@ -40,7 +42,13 @@ def vllm_serving(folder: str | Path, facts: DraftFacts, release: Release, target
     if facts.confidence_head and not release.branch and release.parts >= VLLM_ADAPTIVE_SINCE.parts:
         config["enable_adaptive_verification"] = True
     command = " ".join(
-        ["vllm", "serve", shlex.quote(target or TARGET_PLACEHOLDER), "--speculative-config", shlex.quote(json.dumps(config))]
+        [
+            "vllm",
+            "serve",
+            shlex.quote(target or TARGET_PLACEHOLDER),
+            "--speculative-config",
+            shlex.quote(json.dumps(config)),
+        ]
     )
     return {"release": str(release), "speculative_config": config, "command": command}
 

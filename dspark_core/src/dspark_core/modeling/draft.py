@@ -255,7 +255,9 @@ class DSparkDraftModel(PreTrainedModel):
         ``architectures``/``model_type`` against this class's) is refused with one
         :class:`~dspark_core.errors.DraftFamilyError`, unless ``allow_family_mismatch=True``.
         """
-        cls.check_family(pretrained_model_name_or_path, target=target, allow_family_mismatch=allow_family_mismatch)
+        cls.check_family(
+            pretrained_model_name_or_path, target=target, allow_family_mismatch=allow_family_mismatch
+        )
         want_info = kwargs.pop("output_loading_info", False)
         loaded: Any = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
