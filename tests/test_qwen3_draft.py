@@ -248,7 +248,7 @@ def test_an_export_holds_every_key_deepspecs_evaluator_reads(tmp_path: Path, opt
     stripped = {k: v for k, v in saved.items() if not (k in defaults and v == defaults[k])}
     stripped.pop("num_anchors")  # training-only: re-exported as the method's N
     (older / "config.json").write_text(json.dumps(stripped))
-    deepspec = [v for v in check_draft(read_draft_dir(older)) if v.engine == "DeepSpec"][0]
+    deepspec = next(v for v in check_draft(read_draft_dir(older)) if v.engine == "DeepSpec")
     assert not deepspec.ok and deepspec.reasons[0].startswith("config.json lacks num_anchors")
     Qwen3DSparkModel.from_pretrained(older).save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())
@@ -259,7 +259,7 @@ def test_an_export_holds_every_key_deepspecs_evaluator_reads(tmp_path: Path, opt
     assert {k: again[k] for k in defaults if k in saved and k != "num_anchors"} == {
         k: saved[k] for k in defaults if k in saved and k != "num_anchors"
     }
-    assert [v for v in check_draft(read_draft_dir(tmp_path / "again")) if v.engine == "DeepSpec"][0].ok
+    assert next(v for v in check_draft(read_draft_dir(tmp_path / "again")) if v.engine == "DeepSpec").ok
 
 
 # ---------------------------------------------------------------------------------------------------
