@@ -95,7 +95,7 @@ def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
         if verdict.engine == "dspark":
             lines = verdict.reasons + verdict.notes
         else:
-            shown = [r for r in verdict.results if not r.ok or r.informational]
+            shown = [r for r in verdict.results if not r.ok or r.informational or not r.verified]
             lines = [f"{r.rule}: {r.detail} [{r.citation}]" for r in shown]
         for line in lines:
             print(f"    {line}")
@@ -108,7 +108,9 @@ def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
         for note in serving.get("notes", []):
             print(f"    {note}")
     print(payload["nemo"])
-    print("--json lists every rule applied, passing or not, with its citation.")
+    print(
+        "Shown: refusing, unverified and informational rules; --json lists every rule applied, with its citation."
+    )
 
 
 def run(args: argparse.Namespace) -> int:
