@@ -109,7 +109,8 @@ def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
             print(f"    {note}")
     print(payload["nemo"])
     print(
-        "Shown: refusing, unverified and informational rules; --json lists every rule applied, with its citation."
+        "Shown: refusing, unverified and informational rules; --json lists every rule applied, with its "
+        "citation."
     )
 
 
