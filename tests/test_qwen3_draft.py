@@ -35,6 +35,7 @@ from dspark_core.errors import DraftConfigError
 from dspark_core.layer_ids import build_target_layer_ids
 from dspark_core.modeling.draft_config import TargetLayerWarning
 from dspark_core.modeling.loss import DSparkObjective
+from dspark_core.serving import check_draft, read_draft_dir
 from dspark_qwen3.config import build_draft_config
 from dspark_qwen3.modeling import Qwen3DSparkModel
 
@@ -205,6 +206,60 @@ def test_config_round_trips_through_json(tmp_path: Path) -> None:
     assert saved["target_layer_ids"] == LAYER_IDS and saved["markov_head_type"] == "rnn"
     loaded = Qwen3Config.from_pretrained(tmp_path)
     assert Qwen3DSparkModel(loaded).state_dict().keys() == Qwen3DSparkModel(config).state_dict().keys()
+
+
+#: What DeepSpec's Qwen3DSparkModel asserts present in config.json (deepspec/modeling/dspark/qwen3/
+#: modeling.py:207-224 at afdfa7c9), the conditional two only with a Markov head / a confidence head.
+DEEPSPEC_KEYS = ("num_anchors", "target_layer_ids", "mask_token_id", "markov_rank", "enable_confidence_head")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"markov_rank": 0, "enable_confidence_head": False, "confidence_head_with_markov": False},
+        {"enable_confidence_head": False},
+        {"markov_rank": 0, "confidence_head_with_markov": False},
+        {"markov_head_type": "gated", "confidence_head_with_markov": False},
+    ],
+    ids=["r8-head-mk", "r0-nohead", "r8-nohead", "r0-head", "gated-head"],
+)
+def test_an_export_holds_every_key_deepspecs_evaluator_reads(tmp_path: Path, options: dict[str, Any]) -> None:
+    draft = make_draft(**options)
+    draft.save_pretrained(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "config.json").read_text())
+    rank, head = saved["markov_rank"], saved["enable_confidence_head"]
+    required = {
+        *DEEPSPEC_KEYS,
+        *(["markov_head_type"] if rank else []),
+        *(["confidence_head_with_markov"] if head else []),
+    }
+    assert required <= saved.keys()
+    assert ("markov_head_type" in saved) == (rank > 0)  # the published layout: only where it applies
+    assert ("confidence_head_with_markov" in saved) == head
+    assert list(saved) == sorted(saved)  # save_pretrained's sorted keys, the order DeepSpec's exports have
+
+    # A config.json without the keys this library defaults (an older export, or a hand-written one):
+    # DeepSpec refuses it, it loads here, and its re-export carries every key, the others unchanged.
+    defaults = {"num_anchors": 512, "markov_rank": 0, "enable_confidence_head": False}
+    defaults |= {"markov_head_type": "vanilla", "confidence_head_with_markov": False}
+    older = tmp_path / "older"
+    draft.save_pretrained(older)
+    stripped = {k: v for k, v in saved.items() if not (k in defaults and v == defaults[k])}
+    stripped.pop("num_anchors")  # training-only: re-exported as the method's N
+    (older / "config.json").write_text(json.dumps(stripped))
+    deepspec = next(v for v in check_draft(read_draft_dir(older)) if v.engine == "DeepSpec")
+    assert not deepspec.ok and deepspec.reasons[0].startswith("config.json lacks num_anchors")
+    Qwen3DSparkModel.from_pretrained(older).save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert required <= again.keys() and again["num_anchors"] == 512
+    assert {k: v for k, v in again.items() if k in stripped and k != "transformers_version"} == {
+        k: v for k, v in stripped.items() if k != "transformers_version"
+    }
+    assert {k: again[k] for k in defaults if k in saved and k != "num_anchors"} == {
+        k: saved[k] for k in defaults if k in saved and k != "num_anchors"
+    }
+    assert next(v for v in check_draft(read_draft_dir(tmp_path / "again")) if v.engine == "DeepSpec").ok
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class DraftConfigError(DSparkError, ValueError):
     """A draft or target configuration field is invalid."""
 
 
+class DraftFamilyError(DraftConfigError):
+    """A saved draft of one family is being loaded for a target (or as a class) of another."""
+
+
 class DSparkPluginWarning(UserWarning):
     """A plugin was skipped (failed to load, or was named in a selection variable but not found)."""
 

@@ -11,8 +11,19 @@ from typing import Any
 from dspark_core.errors import DSparkError
 
 
-def load_draft(draft_dir: str | Path, target: Any, *, dtype: Any = None, flag: str = "--draft") -> Any:
-    """The draft in ``draft_dir``, on the target's device, in eval mode, checked to fit ``target``."""
+def load_draft(
+    draft_dir: str | Path,
+    target: Any,
+    *,
+    dtype: Any = None,
+    flag: str = "--draft",
+    allow_family_mismatch: bool = False,
+) -> Any:
+    """The draft in ``draft_dir``, on the target's device, in eval mode, checked to fit ``target``.
+
+    The draft class is the one the target's family resolves to; a saved draft of another family is
+    refused (:class:`~dspark_core.errors.DraftFamilyError`) unless ``allow_family_mismatch``.
+    """
     from dspark_core.decoding.fit import check_draft_fits_target
     from dspark_core.model_dirs import architectures_of, require_model_dir
     from dspark_core.modeling.draft import DSparkDraftModel
@@ -25,6 +36,7 @@ def load_draft(draft_dir: str | Path, target: Any, *, dtype: Any = None, flag: s
     if isinstance(draft_cls, type) and issubclass(draft_cls, DSparkDraftModel):
         # Attaches the target's embeddings and lm_head when the checkpoint omits them.
         load_kwargs["target"] = target
+        load_kwargs["allow_family_mismatch"] = allow_family_mismatch
     try:
         draft = draft_cls.from_pretrained(directory, **load_kwargs)
     except (DSparkError, OSError, ValueError):

@@ -1,11 +1,19 @@
-"""Which loaders can load a saved DSpark draft: the engines' rules as data, and the check over them.
+"""Which loaders can load a saved DSpark draft: the engines' rules per release, and the check over them.
 
-Each :class:`Engine` lists the :class:`Rule` s its draft loader imposes, every rule citing the file and
-commit of the engine it was read from; a rule that could not be read from source says so
-(``verified=False``) and is reported as "unverified". :func:`check_draft` applies every engine's rules
-to the facts of one draft (its ``config.json`` and, when known, its checkpoint's tensor names) and says,
-per engine, whether it can load the draft and why not. ``dspark check-draft`` prints that, and
-``dspark train`` runs it on the draft config before the first step.
+Each :class:`Engine` is one engine's loader for one family of drafts (the draft classes in
+``architectures``), over a supported range of releases. Its :class:`Rule` s were read from the
+engine's released source (PyPI wheels for vLLM and SGLang, the ``main`` branch for DeepSpec); each
+cites the release, file and line it was read from, and applies to the releases in ``[since,
+until]``; a reading that changed between releases is two rules of the same name. A rule that no
+released source decides says why in ``unverified``. :func:`check_draft` applies, per engine, the
+rules of the release asked for (the newest by default) to the facts of one draft (its
+``config.json`` and, when known, its checkpoint's tensor names and shapes). ``dspark check-draft``
+prints that with the serving flags (:mod:`dspark_core.serving_flags`), and ``dspark train`` runs it
+on the draft config before the first step.
+
+NeMo AutoModel is not a loader: 0.7.0 trains DSpark drafts and resumes its own training
+checkpoints (``recipes/llm/train_dspark.py``), but has no path that loads a saved draft directory
+for decoding or serving.
 
 Torch-free: only the standard library and :mod:`dspark_core.modeling.draft_config` (itself torch-free).
 """
@@ -25,18 +33,74 @@ from dspark_core.modeling.draft_config import validate_dspark_config
 
 __all__ = [
     "ENGINES",
+    "NEMO_NOTE",
     "DraftFacts",
     "Engine",
+    "Release",
     "Rule",
+    "RuleResult",
     "Verdict",
     "check_draft",
     "draft_facts",
+    "engine_release",
     "read_draft_dir",
     "serving_summary",
-    "vllm_speculative_config",
 ]
 
 TARGET_WEIGHT_KEYS = ("embed_tokens.weight", "lm_head.weight")
+
+#: The config keys DeepSpec's Qwen3DSparkModel asserts present (markov_head_type only when
+#: markov_rank > 0, confidence_head_with_markov only with the confidence head).
+DEEPSPEC_CONFIG_KEYS = (
+    "target_layer_ids",
+    "mask_token_id",
+    "num_anchors",
+    "enable_confidence_head",
+    "markov_rank",
+    "markov_head_type",
+    "confidence_head_with_markov",
+)
+
+NEMO_NOTE = (
+    "NeMo AutoModel has no loader for a saved DSpark draft: 0.7.0 trains drafts and resumes its own "
+    "training checkpoints (nemo_automodel/recipes/llm/train_dspark.py:1441) but never loads a draft "
+    "directory for decoding or serving"
+)
+
+
+# -- releases -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Release:
+    """A release number (``0.25``, ``0.5.23``) or a branch name (``main``, ordered after numbers)."""
+
+    parts: tuple[int, ...]
+    branch: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Release:
+        text = text.strip()
+        if text and not text[0].isdigit():
+            return cls((), text)
+        try:
+            return cls(tuple(int(part) for part in text.split(".")))
+        except ValueError:
+            raise DraftConfigError(f"{text!r} is not a release number such as 0.25 or 0.5.23") from None
+
+    def within(self, since: Release | None, until: Release | None) -> bool:
+        """Whether this release lies in ``[since, until]``, compared at each bound's precision."""
+        if self.branch or (since is not None and since.branch) or (until is not None and until.branch):
+            return all(bound is None or bound == self for bound in (since, until))
+        if since is not None and self.parts[: len(since.parts)] < since.parts:
+            return False
+        return until is None or self.parts[: len(until.parts)] <= until.parts
+
+    def __str__(self) -> str:
+        return self.branch or ".".join(str(part) for part in self.parts)
+
+
+# -- facts, rules, engines, verdicts ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -46,6 +110,8 @@ class DraftFacts:
     config: Mapping[str, Any]
     #: tensor names of the saved checkpoint; None when only the config is known (training)
     tensor_names: frozenset[str] | None = None
+    #: tensor shapes, when the checkpoint's headers were read
+    tensor_shapes: Mapping[str, tuple[int, ...]] | None = None
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.config.get(name, default)
@@ -55,6 +121,10 @@ class DraftFacts:
         return int(self.get("markov_rank", 0) or 0)
 
     @property
+    def confidence_head(self) -> bool:
+        return bool(self.get("enable_confidence_head", False))
+
+    @property
     def layer_ids(self) -> list[int]:
         return [int(i) for i in self.get("target_layer_ids") or []]
 
@@ -62,27 +132,93 @@ class DraftFacts:
     def last_layer(self) -> int:
         return int(self.get("num_target_layers", 0) or 0) - 1
 
+    @property
+    def architectures(self) -> list[str]:
+        value = self.get("architectures") or []
+        return [value] if isinstance(value, str) else [str(name) for name in value]
+
+    @property
+    def draft_vocab_size(self) -> int | None:
+        """K of a reduced-vocabulary draft (``draft_vocab_size < vocab_size``), else None."""
+        size, vocab = self.get("draft_vocab_size"), self.get("vocab_size")
+        if isinstance(size, int) and isinstance(vocab, int) and size < vocab:
+            return size
+        return None
+
 
 @dataclass(frozen=True)
 class Rule:
-    """One requirement of an engine's draft loader. ``kind`` names its check in :data:`CHECKS`;
-    ``value`` is what the loader accepts; ``source`` is the engine file (and commit) it was read
-    from; ``verified=False`` marks an assumption that could not be read from the engine's source."""
+    """One reading of an engine's draft loader.
 
+    ``name`` is what it decides (stable across releases), ``kind`` its check in :data:`CHECKS`
+    with ``value`` the check's argument, ``says`` what the engine does, ``citation`` the release,
+    file and line it was read from, ``since``/``until`` the releases it holds for (None: the
+    engine's whole range), and ``unverified`` why no released source decides it ("" when one does).
+    """
+
+    name: str
     kind: str
     value: Any
-    source: str
-    verified: bool = True
+    says: str
+    citation: str
+    since: str | None = None
+    until: str | None = None
+    unverified: str = ""
+
+    def holds_for(self, release: Release) -> bool:
+        since = Release.parse(self.since) if self.since else None
+        until = Release.parse(self.until) if self.until else None
+        return release.within(since, until)
 
 
 @dataclass(frozen=True)
 class Engine:
+    """One engine's loader for the draft classes in ``architectures``, over ``releases``."""
+
     name: str
-    #: the engine version (or commit) the rules were read from
-    version: str
+    #: the spelling of ``--engine-version KEY=RELEASE`` and ``--require KEY``
+    key: str
+    #: the oldest and newest supported release (one entry for a branch)
+    releases: tuple[str, ...]
+    #: what was read: the wheels or the commit
+    source: str
+    architectures: tuple[str, ...]
+    #: how the engine finds the draft class; its ``value`` is ``(accepted names, first only)``
+    dispatch: Rule
     rules: tuple[Rule, ...]
-    #: how the engine uses the draft's block_size, printed as a note
-    block_size: str
+
+    @property
+    def newest(self) -> str:
+        return self.releases[-1]
+
+    def supports(self, release: Release) -> bool:
+        oldest, newest = (Release.parse(r) for r in (self.releases[0], self.releases[-1]))
+        return release.within(oldest, newest)
+
+    def rules_for(self, release: Release) -> list[Rule]:
+        return [rule for rule in self.rules if rule.holds_for(release)]
+
+
+@dataclass(frozen=True)
+class RuleResult:
+    """One rule applied to one draft: ``ok``, and ``detail`` (the draft's fact: what the engine does)."""
+
+    rule: str
+    ok: bool
+    detail: str
+    citation: str
+    verified: bool = True
+    #: True for a rule that only says how the engine uses the draft (it never refuses one)
+    informational: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule,
+            "ok": self.ok,
+            "verified": self.verified,
+            "detail": self.detail,
+            "citation": self.citation,
+        }
 
 
 @dataclass
@@ -92,6 +228,9 @@ class Verdict:
     ok: bool
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    results: list[RuleResult] = field(default_factory=list)
+    #: the engine's key for ``--require`` and ``--engine-version`` ("dspark" for this library)
+    key: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,191 +239,448 @@ class Verdict:
             "ok": self.ok,
             "reasons": self.reasons,
             "notes": self.notes,
+            "rules": [result.to_dict() for result in self.results],
         }
 
 
-# -- the checks: each returns why the draft fails the rule, or None ----------------------------------
+# -- the checks: each returns (ok, the draft's fact), or None where the rule does not apply ------------
+
+Outcome = tuple[bool, str] | None
 
 
-def _architectures(facts: DraftFacts, accepted: Sequence[str]) -> str | None:
-    names = list(facts.get("architectures") or [])
-    if any(name in accepted for name in names):
-        return None
-    return (
-        f"config.architectures {names} names none of {list(accepted)}, which is how it finds a DSpark draft"
-    )
+def _config_keys(facts: DraftFacts, names: Sequence[str]) -> Outcome:
+    wanted = [
+        name
+        for name in names
+        if not (name == "markov_head_type" and facts.markov_rank == 0)
+        and not (name == "confidence_head_with_markov" and not facts.confidence_head)
+    ]
+    missing = [name for name in wanted if name not in facts.config]
+    if missing:
+        return False, f"config.json lacks {', '.join(missing)}"
+    return True, f"config.json has {', '.join(wanted)}"
 
 
-def _model_types(facts: DraftFacts, accepted: Sequence[str]) -> str | None:
-    model_type = facts.get("model_type")
-    return None if model_type in accepted else f"model_type {model_type!r} is not {' or '.join(accepted)}"
-
-
-def _markov_head_types(facts: DraftFacts, accepted: Sequence[str]) -> str | None:
+def _markov_head_types(facts: DraftFacts, accepted: Sequence[str]) -> Outcome:
     if facts.markov_rank == 0:
         return None
-    head = facts.get("markov_head_type", "vanilla")
-    if head in accepted:
+    head = str(facts.get("markov_head_type", "vanilla"))
+    return head in accepted, f"markov_head_type {head!r}"
+
+
+def _markov_rank_zero(facts: DraftFacts, accepted: bool) -> Outcome:
+    if facts.markov_rank > 0:
         return None
-    return f"markov_head_type {head!r}: it loads only {'/'.join(accepted)} Markov heads"
+    return accepted, "markov_rank 0"
 
 
-def _markov_rank_zero(facts: DraftFacts, accepted: bool) -> str | None:
-    if facts.markov_rank > 0 or accepted:
+def _confidence_head(facts: DraftFacts, _: Any) -> Outcome:
+    if not facts.confidence_head:
+        return True, "no confidence head"
+    features = "with" if facts.get("confidence_head_with_markov", False) else "without"
+    return True, f"a confidence head {features} Markov features"
+
+
+def _embedding_layer(facts: DraftFacts, accepted: bool) -> Outcome:
+    if -1 not in facts.layer_ids:
         return None
-    return "markov_rank 0: its DSpark path needs a Markov head"
+    return accepted, "target_layer_ids contains -1 (the embedding output)"
 
 
-def _confidence_head(facts: DraftFacts, required: bool) -> str | None:
-    if not required or facts.get("enable_confidence_head", False):
-        return None
-    return "no confidence head (enable_confidence_head false): its DSpark path needs one"
-
-
-def _confidence_with_markov(facts: DraftFacts, required: bool) -> str | None:
-    if not required or not facts.get("enable_confidence_head", False):
-        return None
-    if facts.get("confidence_head_with_markov", False):
-        return None
-    return "confidence_head_with_markov false: its confidence head reads [hidden ; Markov embedding]"
-
-
-def _embedding_layer(facts: DraftFacts, accepted: bool) -> str | None:
-    if accepted or -1 not in facts.layer_ids:
-        return None
-    return "target_layer_ids contains -1 (the embedding output), which it cannot capture"
-
-
-def _last_layer(facts: DraftFacts, accepted: bool) -> str | None:
+def _last_layer(facts: DraftFacts, accepted: bool) -> Outcome:
     last = facts.last_layer
-    if accepted or last < 0 or last not in facts.layer_ids:
+    if last < 0 or last not in facts.layer_ids:
         return None
-    return (
-        f"target_layer_ids contains {last} = n-1, the target's last layer (HF output_hidden_states gives it "
-        "post final norm), which it does not capture"
-    )
+    return accepted, f"target_layer_ids contains {last} = n-1, the target's last layer"
 
 
-def _target_weights(facts: DraftFacts, required: bool) -> str | None:
-    if not required or facts.tensor_names is None:
+def _target_weights(facts: DraftFacts, required: bool) -> Outcome:
+    if facts.tensor_names is None:
         return None
     absent = [key for key in TARGET_WEIGHT_KEYS if key not in facts.tensor_names]
     if not absent:
+        return True, "the checkpoint has embed_tokens and lm_head"
+    return not required, f"the checkpoint has no {' or '.join(absent)} (saved without the target's weights)"
+
+
+def _reduced_vocabulary(facts: DraftFacts, served: bool) -> Outcome:
+    size = facts.draft_vocab_size
+    if size is None:
         return None
-    return f"the checkpoint has no {' or '.join(absent)} (saved without the target's weights); it needs both"
+    fact = f"draft_vocab_size {size} < vocab_size {facts.get('vocab_size')}"
+    if not served:
+        return False, fact
+    if facts.tensor_names is None:
+        return True, f"{fact} (the checkpoint must carry lm_head.weight [{size}, H] and d2t [{size}])"
+    rank = facts.markov_rank
+    wanted = {"lm_head.weight": size, "d2t": size} | ({"markov_head.markov_w2.weight": size} if rank else {})
+    shapes = facts.tensor_shapes or {}
+    wrong = [
+        f"{name} {list(shapes[name]) if name in shapes else 'absent'}"
+        for name, rows in wanted.items()
+        if name not in facts.tensor_names or (name in shapes and shapes[name][0] != rows)
+    ]
+    if wrong:
+        return False, f"{fact}, but the checkpoint's {', '.join(wrong)} do not have {size} rows"
+    return True, f"{fact}, with lm_head, d2t{' and markov_w2' if rank else ''} of {size} rows"
 
 
-def _config_fields(facts: DraftFacts, names: Sequence[str]) -> str | None:
-    missing = [name for name in names if facts.get(name) is None]
-    return f"config.json lacks {', '.join(missing)}" if missing else None
+def _block_size(facts: DraftFacts, _: Any) -> Outcome:
+    return True, f"block_size {facts.get('block_size')}"
 
 
 #: Rule kind -> check. A rule's ``value`` is the check's second argument.
-CHECKS: dict[str, Callable[[DraftFacts, Any], str | None]] = {
-    "architectures": _architectures,
-    "model_types": _model_types,
+CHECKS: dict[str, Callable[[DraftFacts, Any], Outcome]] = {
+    "config_keys": _config_keys,
     "markov_head_types": _markov_head_types,
     "markov_rank_zero": _markov_rank_zero,
     "confidence_head": _confidence_head,
-    "confidence_with_markov": _confidence_with_markov,
     "embedding_layer": _embedding_layer,
     "last_layer": _last_layer,
     "target_weights": _target_weights,
-    "config_fields": _config_fields,
+    "reduced_vocabulary": _reduced_vocabulary,
+    "block_size": _block_size,
 }
+#: Kinds that say how an engine uses a draft and never refuse one (printed as notes).
+INFORMATIONAL = frozenset({"confidence_head", "block_size"})
 
 
-# -- the engines' rules -------------------------------------------------------------------------------
+# -- the engines' rules (Qwen3 drafts) ------------------------------------------------------------------
+# Read from the released sources: vLLM wheels 0.25.0 to 0.34.0 and SGLang wheels 0.5.16 to 0.5.23
+# (every release in between was read where a rule could change), DeepSpec main at afdfa7c9.
+# Paths are inside each wheel or repository; a citation names the first release of the rule's range
+# with its lines, and the last release's lines where they moved.
 
-_VLLM_MODEL = "vllm/model_executor/models/qwen3_dspark.py @0302ff40"
-_VLLM_CONFIG = "vllm/config/speculative.py @002e77c1"
-_VLLM_AUX = "vllm/v1/worker/gpu/spec_decode/eagle/eagle3_utils.py @0cfdd2e1 (aux layer = target layer id + 1)"
-_SGL_MODEL = "python/sglang/srt/models/qwen3_dspark.py @2dd29f7b"
-_SGL_WORKER = "python/sglang/srt/speculative/dspark_worker_v2.py @028b6e61"
-_SGL_CAPTURE = "python/sglang/srt/models/qwen3.py @01b5f572 set_dflash_layers_to_capture (before layer k+1)"
-_DEEPSPEC_EVAL = "deepspec/eval/dspark/evaluator.py @3bc8dc74"
-_DEEPSPEC_COMMON = "deepspec/modeling/dspark/common.py @9b9cc8ab"
-_METHOD = "the dspark method reference, section 1 (not re-read from the engine's source)"
+_DS = "DeepSpec main @afdfa7c9"
+_DS_MODEL = f"{_DS} deepspec/modeling/dspark/qwen3/modeling.py"
+_DS_MARKOV = f"{_DS} deepspec/modeling/dspark/markov_head.py"
 
-ENGINES: tuple[Engine, ...] = (
-    Engine(
-        name="DeepSpec/NeMo",
-        version="deepseek-ai/DeepSpec main @3bc8dc74; NeMo AutoModel unverified (assumed to match DeepSpec)",
-        rules=(
-            Rule(
-                "architectures",
-                ("Qwen3DSparkModel", "Gemma4DSparkModel"),
-                f"{_DEEPSPEC_EVAL} (one evaluator per draft class)",
-            ),
-            # Forks of DeepSpec differ here (some build vanilla only): the method reference's reading.
-            Rule("markov_head_types", ("vanilla", "gated", "rnn"), _METHOD, verified=False),
-            Rule("markov_rank_zero", True, "deepspec/modeling/dspark/qwen3/config.py @041b6523 (r >= 0)"),
-            Rule("embedding_layer", True, f"{_DEEPSPEC_COMMON} (-1 is hidden_states[0])"),
-            Rule("last_layer", False, f"{_DEEPSPEC_EVAL} assert_no_final_target_layer"),
-            Rule(
-                "target_weights",
-                True,
-                "from_pretrained of the draft class attaches no target weights",
-                verified=False,
-            ),
-        ),
-        block_size="proposes block_size tokens per round (max_proposal_tokens = block_size)",
+DEEPSPEC = Engine(
+    name="DeepSpec",
+    key="deepspec",
+    releases=("main",),
+    source="deepseek-ai/DeepSpec main @afdfa7c9 (2026-06-30)",
+    architectures=("Qwen3DSparkModel",),
+    dispatch=Rule(
+        "architectures",
+        "architectures",
+        (("Qwen3DSparkModel", "Gemma4DSparkModel"), True),
+        "eval.py picks the evaluator by config.architectures[0] alone",
+        f"{_DS} eval.py:10-16,54",
     ),
-    Engine(
-        name="vLLM",
-        version="vllm-project/vllm main @0302ff40 (method 'dspark', in vLLM since about 0.27)",
-        rules=(
-            Rule("architectures", ("Qwen3DSparkModel",), f"{_VLLM_CONFIG} (method detection)"),
-            Rule("model_types", ("qwen3",), f"{_VLLM_CONFIG} (the DFlash Qwen3 backbone)"),
-            Rule("markov_head_types", ("vanilla",), f"{_VLLM_MODEL} DSparkMarkovHead (markov_w1/w2 only)"),
-            Rule(
-                "markov_rank_zero",
-                False,
-                f"{_VLLM_MODEL} builds the Markov head unconditionally",
-                verified=False,
-            ),
-            Rule(
-                "embedding_layer",
-                True,
-                f"{_VLLM_AUX}: aux layer 0 is the embedding stream",
-                verified=False,
-            ),
-            Rule("last_layer", False, f"{_VLLM_AUX}: aux layer n is past the last layer, never captured"),
-            Rule(
-                "config_fields",
-                ("block_size", "mask_token_id", "target_layer_ids", "markov_rank"),
-                _VLLM_MODEL,
-            ),
+    rules=(
+        Rule(
+            "config-keys",
+            "config_keys",
+            DEEPSPEC_CONFIG_KEYS,
+            "Qwen3DSparkModel asserts each key is present, with no default",
+            f"{_DS_MODEL}:207-224",
         ),
-        block_size="num_speculative_tokens must equal block_size: slots past it garble the proposal",
-    ),
-    Engine(
-        name="SGLang",
-        version="sgl-project/sglang main @2dd29f7b (DSparkWorkerV2 @028b6e61)",
-        rules=(
-            Rule("architectures", ("Qwen3DSparkModel",), f"{_SGL_MODEL} (EntryClass, matched by class name)"),
-            Rule("markov_head_types", ("vanilla",), f"{_SGL_MODEL} resolve_qwen3_dspark_weight"),
-            Rule("markov_rank_zero", False, f"{_SGL_MODEL}: an r=0 draft is for the DFlash worker"),
-            Rule(
-                "confidence_head",
-                True,
-                f"{_SGL_WORKER} computes the confidence head every round",
-                verified=False,
-            ),
-            Rule("confidence_with_markov", True, f"{_SGL_MODEL} Qwen3DSparkBackbone raises otherwise"),
-            # qwen3.py @01b5f572 would capture -1 "before layer 0"; the method reference says it cannot.
-            Rule("embedding_layer", False, _METHOD, verified=False),
-            Rule("last_layer", False, f"{_SGL_CAPTURE}: layer n does not exist, so n-1 is never captured"),
-            Rule("target_weights", True, f"{_SGL_MODEL} load_weights raises for parameters never loaded"),
-            Rule(
-                "config_fields",
-                ("head_dim", "target_layer_ids", "block_size", "mask_token_id"),
-                _SGL_MODEL,
-            ),
+        Rule(
+            "markov-head-types",
+            "markov_head_types",
+            ("vanilla", "gated", "rnn"),
+            "build_markov_head builds vanilla, gated and rnn heads",
+            f"{_DS_MARKOV}:287-311",
         ),
-        block_size="verifies block_size drafts plus the anchor (speculative_num_draft_tokens only warns)",
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
+            True,
+            "build_markov_head returns no head, and sampling uses the base logits",
+            f"{_DS_MARKOV}:290-291; {_DS_MODEL}:326-327",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            None,
+            "loads a confidence head with or without Markov features, as confidence_head_with_markov says",
+            f"{_DS_MODEL}:255-267",
+        ),
+        Rule(
+            "embedding-layer",
+            "embedding_layer",
+            True,
+            "id -1 reads hidden_states[0], the embedding output",
+            f"{_DS} deepspec/modeling/dspark/common.py:52-56",
+        ),
+        Rule(
+            "last-layer",
+            "last_layer",
+            False,
+            "the evaluator asserts the final target layer is no feature layer (HF gives it after the "
+            "final norm)",
+            f"{_DS} deepspec/eval/base_evaluator.py:100-112, deepspec/eval/dspark/evaluator.py:80",
+        ),
+        Rule(
+            "target-weights",
+            "target_weights",
+            True,
+            "the evaluator loads the draft alone and embeds and projects with the draft's own "
+            "embed_tokens and lm_head",
+            f"{_DS} deepspec/eval/dspark/evaluator.py:75-79, deepspec/eval/dspark/draft_ops.py:37,107",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            False,
+            "lm_head is built [vocab_size, hidden], so a [draft_vocab_size, hidden] lm_head and d2t "
+            "do not load",
+            f"{_DS_MODEL}:246",
+        ),
+        Rule(
+            "block-size",
+            "block_size",
+            None,
+            "proposes block_size tokens per round (max_proposal_tokens = block_size)",
+            f"{_DS} deepspec/eval/dspark/evaluator.py:40-42",
+        ),
     ),
 )
+
+_V25 = "vllm 0.25.0 vllm"
+_V34 = "vllm 0.34.0 vllm"
+_V_MODEL = "model_executor/models/qwen3_dspark.py"
+_V_SPEC = "v1/worker/gpu/spec_decode"
+_RECEIVES = (
+    "the draft vocabulary is served: lm_head [K, H], markov_w2 [K, r] and d2t [K] load from the checkpoint"
+)
+
+VLLM = Engine(
+    name="vLLM",
+    key="vllm",
+    releases=("0.25", "0.34"),
+    source="vllm wheels 0.25.0 to 0.34.0 from PyPI (0.24 has no DSpark files)",
+    architectures=("Qwen3DSparkModel",),
+    dispatch=Rule(
+        "architectures",
+        "architectures",
+        (("Qwen3DSparkModel",), False),
+        "method 'dspark' loads a Qwen3 draft only when config.architectures contains "
+        "Qwen3DSparkModel; any other name is taken for a DeepSeek-V4 draft",
+        f"{_V25}/config/speculative.py:899-908, model_executor/models/registry.py:597 (0.33.0: "
+        "speculative.py:1543-1552); vllm 0.34.0 registry.py:711, "
+        f"{_V_SPEC}/dspark/config.py:56-68",
+    ),
+    rules=(
+        Rule(
+            "config-keys",
+            "config_keys",
+            ("mask_token_id", "target_layer_ids", "markov_rank"),
+            "mask_token_id is required, target_layer_ids sets the captured layers and markov_rank is "
+            "read without a default (block_size is not required)",
+            f"{_V25}/{_V_SPEC}/utils.py:55-77, {_V_SPEC}/eagle/eagle3_utils.py:52-55, {_V_MODEL}:90 "
+            f"(0.34.0: utils.py:141-163, eagle3_utils.py:127-130, {_V_MODEL}:213)",
+        ),
+        Rule(
+            "markov-head-types",
+            "markov_head_types",
+            ("vanilla",),
+            "DSparkMarkovHead has only markov_w1 and markov_w2; the weight loader raises on a gated or "
+            "rnn head's extra weights",
+            f"{_V25}/{_V_MODEL}:36-58, model_executor/models/utils.py:387 (0.34.0: {_V_MODEL}:49-82, "
+            "utils.py:454)",
+        ),
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
+            True,
+            "the loader builds a rank-0 Markov head without a check, and its load_weights returns no "
+            "names, so no missing-weight check runs",
+            f"{_V25}/{_V_MODEL}:84-92,150-186 (0.34.0: {_V_MODEL}:207-219,321-359)",
+            unverified="no released source refuses r = 0, but whether the speculator runs a zero-width "
+            "Markov projection is decided only at run time, which needs a GPU and the engine",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "ignored",
+            "the loader skips confidence_head weights (not wired into inference)",
+            f"{_V25}/{_V_MODEL}:173-176 (0.27.0: {_V_MODEL}:181-184)",
+            until="0.27",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "adaptive-required",
+            "builds the head when enable_confidence_head and uses it only with "
+            "enable_adaptive_verification, which raises for a draft without one",
+            f"vllm 0.28.0 vllm/{_V_MODEL}:159-170, {_V_SPEC}/dspark/speculator.py:111-117 (0.29.0: the "
+            "same lines)",
+            since="0.28",
+            until="0.29",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "adaptive",
+            "builds the head when enable_confidence_head and uses it only with enable_adaptive_verification",
+            f"vllm 0.30.0 vllm/{_V_SPEC}/dspark/speculator.py:106-109 (0.34.0: {_V_MODEL}:220-231, "
+            "speculator.py:177-180)",
+            since="0.30",
+        ),
+        Rule(
+            "embedding-layer",
+            "embedding_layer",
+            True,
+            "id -1 becomes aux layer 0, captured before the first decoder layer: the embedding output",
+            f"{_V25}/model_executor/models/qwen2.py:415, {_V_SPEC}/eagle/eagle3_utils.py:55 (0.34.0: "
+            "qwen2.py:420-423, eagle3_utils.py:130)",
+        ),
+        Rule(
+            "last-layer",
+            "last_layer",
+            False,
+            "layer n-1 is captured before the final norm, while dspark and DeepSpec train on HF's "
+            "final-normed hidden_states[n]: the features differ",
+            f"{_V25}/model_executor/models/qwen2.py:419-429 (0.34.0: qwen2.py:424-442)",
+        ),
+        Rule(
+            "target-weights",
+            "target_weights",
+            False,
+            "a checkpoint without embed_tokens or lm_head gets the target's",
+            f"{_V25}/{_V_SPEC}/dspark/utils.py:46-62 (0.34.0: {_V_SPEC}/dspark/utils.py:133-145)",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            True,
+            f"{_RECEIVES}; a missing lm_head or d2t is not detected",
+            f"{_V25}/{_V_MODEL}:84-92,110-125,150-176, {_V_SPEC}/dspark/utils.py:55-62",
+            until="0.28",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            True,
+            f"{_RECEIVES}; the loader raises when lm_head or d2t is missing",
+            f"vllm 0.29.0 vllm/{_V_MODEL}:284-300 (0.33.0: {_V_MODEL}:342-358)",
+            since="0.29",
+            until="0.33",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            True,
+            f"{_RECEIVES}; the target's lm_head is never shared, and a missing lm_head or d2t is not "
+            "detected",
+            f"{_V34}/{_V_MODEL}:207-219,255-273,321-359, {_V_SPEC}/dspark/utils.py:136-145",
+            since="0.34",
+        ),
+        Rule(
+            "block-size",
+            "block_size",
+            "required",
+            "num_speculative_tokens must be given (block_size is not read); pass block_size",
+            f"{_V25}/config/speculative.py:937-941 (0.33.0: speculative.py:1614-1618)",
+            until="0.33",
+        ),
+        Rule(
+            "block-size",
+            "block_size",
+            "default",
+            "num_speculative_tokens defaults to block_size; another value is accepted",
+            f"{_V34}/{_V_SPEC}/dspark/config.py:78-85",
+            since="0.34",
+        ),
+    ),
+)
+
+_S16 = "sglang 0.5.16 sglang/srt"
+_S_DSPARK = "models/dspark.py"
+_S_CONFIG = "speculative/dspark_components/dspark_config.py"
+
+SGLANG = Engine(
+    name="SGLang",
+    key="sglang",
+    releases=("0.5.16", "0.5.23"),
+    source="sglang wheels 0.5.16 to 0.5.23 from PyPI",
+    architectures=("Qwen3DSparkModel",),
+    dispatch=Rule(
+        "architectures",
+        "architectures",
+        (("Qwen3DSparkModel",), False),
+        "the model registry finds the draft class by config.architectures among dspark.py's EntryClass",
+        f"{_S16}/{_S_DSPARK}:505-509 (0.5.23: {_S_DSPARK}:977-995)",
+    ),
+    rules=(
+        Rule(
+            "config-keys",
+            "config_keys",
+            ("mask_token_id", "markov_head_type"),
+            "raises without mask_token_id, or without markov_head_type when markov_rank > 0 "
+            "(head_dim, block_size and target_layer_ids are not required)",
+            f"{_S16}/{_S_CONFIG}:111,240 (0.5.23: {_S_CONFIG}:121,267)",
+        ),
+        Rule(
+            "markov-head-types",
+            "markov_head_types",
+            ("vanilla", "gated", "rnn"),
+            "builds vanilla, gated and rnn Markov heads",
+            f"{_S16}/{_S_DSPARK}:264-284, {_S_CONFIG}:17 (0.5.23: {_S_DSPARK}:385-405, {_S_CONFIG}:22)",
+        ),
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
+            False,
+            "raises: its DSpark draft requires markov_rank > 0",
+            f"{_S16}/{_S_DSPARK}:264-270,361-369 (0.5.23: {_S_DSPARK}:385-391,524-529)",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "ragged",
+            "builds a confidence head (with or without Markov features) only when "
+            "SGLANG_RAGGED_VERIFY_MODE is not 'static', the default; in those modes a draft without one "
+            "fails to load (missing confidence weights)",
+            f"{_S16}/{_S_DSPARK}:331-351,430-460, environ.py:769 (0.5.23: {_S_DSPARK}:487-507,667-696, "
+            "environ.py:1572)",
+        ),
+        Rule(
+            "embedding-layer",
+            "embedding_layer",
+            False,
+            "its DFlash backbone refuses a target layer id below 0",
+            f"{_S16}/models/dflash.py:361, speculative/dflash_utils.py:431-435 (0.5.23: dflash.py:756, "
+            "dflash_utils.py:580-584)",
+        ),
+        Rule(
+            "last-layer",
+            "last_layer",
+            False,
+            "it captures before layer k+1, and layer n does not exist, so n-1 is never captured",
+            f"{_S16}/models/qwen3.py:715, models/qwen2.py:372-376 (0.5.23: qwen3.py:805,524-531)",
+        ),
+        Rule(
+            "target-weights",
+            "target_weights",
+            False,
+            "it skips the draft's embed_tokens and lm_head and uses the target's",
+            f"{_S16}/{_S_DSPARK}:354-358,376-380 (0.5.23: {_S_DSPARK}:510,550-555,633-641)",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            False,
+            "it projects through the target's lm_head, drops the draft's lm_head and d2t, and builds "
+            "markov_w2 [vocab_size, r], so a reduced draft's markov_w2 [K, r] does not load",
+            f"{_S16}/{_S_DSPARK}:78,354-358,382-395 (0.5.23: {_S_DSPARK}:199,510,581-611)",
+        ),
+        Rule(
+            "block-size",
+            "block_size",
+            None,
+            "gamma is block_size (or --speculative-dspark-block-size), and "
+            "--speculative-num-draft-tokens must equal gamma + 1 or it raises",
+            f"{_S16}/arg_groups/speculative_hook.py:341-383 (0.5.23: speculative_hook.py:806-838)",
+        ),
+    ),
+)
+
+#: Every engine block. A family appends its own blocks (one per engine) in a delimited section
+#: below; check_draft applies, per engine name, the block whose architectures name the draft.
+ENGINES: tuple[Engine, ...] = (DEEPSPEC, VLLM, SGLANG)
 
 
 # -- applying them ------------------------------------------------------------------------------------
@@ -294,7 +690,7 @@ def _dspark_verdict(facts: DraftFacts) -> Verdict:
     """This library's own loader: the config's DSpark fields validate (``validate_dspark_config``)."""
     from dspark_core import __version__
 
-    verdict = Verdict("dspark", f"dspark-core {__version__}", ok=True)
+    verdict = Verdict("dspark", f"dspark-core {__version__}", ok=True, key="dspark")
     try:
         validate_dspark_config(SimpleNamespace(**facts.config))
     except DraftConfigError as exc:
@@ -306,24 +702,92 @@ def _dspark_verdict(facts: DraftFacts) -> Verdict:
     return verdict
 
 
-def _engine_verdict(engine: Engine, facts: DraftFacts) -> Verdict:
-    verdict = Verdict(engine.name, engine.version, ok=True, notes=[f"block size: {engine.block_size}"])
-    verdict.notes += [
-        f"assumed (unverified): {r.kind} {r.value!r} [{r.source}]" for r in engine.rules if not r.verified
-    ]
-    for rule in engine.rules:
-        failure = CHECKS[rule.kind](facts, rule.value)
-        if failure is None:
-            continue
-        verdict.ok = False
-        mark = "unverified: " if not rule.verified else ""
-        verdict.reasons.append(f"{mark}{failure} [{rule.source}]")
+def _dispatched(blocks: Sequence[Engine], facts: DraftFacts) -> Engine | None:
+    names = facts.architectures
+    for block in blocks:
+        accepted, first_only = block.dispatch.value
+        candidates = names[:1] if first_only else names
+        if any(name in block.architectures and name in accepted for name in candidates):
+            return block
+    return None
+
+
+def _apply(rule: Rule, facts: DraftFacts) -> RuleResult | None:
+    outcome = CHECKS[rule.kind](facts, rule.value)
+    if outcome is None:
+        return None
+    ok, fact = outcome
+    detail = f"{fact}: {rule.says}"
+    if rule.unverified:
+        detail = f"unverified: {detail} ({rule.unverified})"
+    return RuleResult(rule.name, ok, detail, rule.citation, not rule.unverified, rule.kind in INFORMATIONAL)
+
+
+def _engine_verdict(blocks: Sequence[Engine], facts: DraftFacts, release: Release) -> Verdict:
+    first = blocks[0]
+    verdict = Verdict(first.name, str(release), ok=True, key=first.key)
+    block = _dispatched(blocks, facts)
+    if block is None:
+        accepted = sorted({name for b in blocks for name in b.architectures})
+        where = "config.architectures[0]" if first.dispatch.value[1] else "config.architectures"
+        detail = f"{where} of {facts.architectures} names none of {accepted}: {first.dispatch.says}"
+        verdict.results.append(RuleResult("architectures", False, detail, first.dispatch.citation))
+    else:
+        named = f"config.architectures {facts.architectures}"
+        dispatch = RuleResult(
+            "architectures", True, f"{named}: {block.dispatch.says}", block.dispatch.citation
+        )
+        verdict.results.append(dispatch)
+        verdict.results += [r for r in (_apply(rule, facts) for rule in block.rules_for(release)) if r]
+    for result in verdict.results:
+        if not result.ok:
+            verdict.ok = False
+            verdict.reasons.append(f"{result.detail} [{result.citation}]")
+        elif result.informational:
+            verdict.notes.append(f"{result.rule}: {result.detail}")
     return verdict
 
 
-def check_draft(facts: DraftFacts, engines: Iterable[Engine] = ENGINES) -> list[Verdict]:
-    """Per loader (dspark first, then each engine), whether it can load the draft and why not."""
-    return [_dspark_verdict(facts), *(_engine_verdict(engine, facts) for engine in engines)]
+def engine_release(key: str, text: str | None = None, engines: Iterable[Engine] = ENGINES) -> Release:
+    """The release of engine ``key`` to check against: ``text``, or the newest supported one.
+
+    Raises :class:`DraftConfigError` naming the supported range for a release outside it.
+    """
+    blocks = [engine for engine in engines if engine.key == key]
+    if not blocks:
+        known = sorted({engine.key for engine in engines})
+        raise DraftConfigError(f"no engine {key!r}; the engines are {', '.join(known)}")
+    engine = blocks[0]
+    release = Release.parse(text) if text else Release.parse(engine.newest)
+    if not engine.supports(release):
+        span = " to ".join(dict.fromkeys((engine.releases[0], engine.releases[-1])))
+        raise DraftConfigError(
+            f"{engine.name} {release} is outside the supported releases ({span}); its rules were read "
+            f"from {engine.source}"
+        )
+    return release
+
+
+def check_draft(
+    facts: DraftFacts,
+    engines: Iterable[Engine] = ENGINES,
+    releases: Mapping[str, str] | None = None,
+) -> list[Verdict]:
+    """Per loader (dspark first, then each engine), whether it can load the draft and why not.
+
+    ``releases`` maps an engine key (``vllm``) to the release to check (``0.25``); an engine not
+    named is checked at its newest supported release.
+    """
+    engines = tuple(engines)
+    releases = dict(releases or {})
+    by_name: dict[str, list[Engine]] = {}
+    for engine in engines:
+        by_name.setdefault(engine.name, []).append(engine)
+    verdicts = [_dspark_verdict(facts)]
+    for blocks in by_name.values():
+        release = engine_release(blocks[0].key, releases.get(blocks[0].key), engines)
+        verdicts.append(_engine_verdict(blocks, facts, release))
+    return verdicts
 
 
 def draft_facts(config: Any, tensor_names: Iterable[str] | None = None) -> DraftFacts:
@@ -333,16 +797,16 @@ def draft_facts(config: Any, tensor_names: Iterable[str] | None = None) -> Draft
     return DraftFacts(values, names)
 
 
-def _safetensors_names(path: Path) -> set[str]:
+def _safetensors_header(path: Path) -> dict[str, tuple[int, ...]]:
     # The header is an 8-byte little-endian length and a JSON object keyed by tensor name.
     with path.open("rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
-    return {name for name in header if name != "__metadata__"}
+    return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def read_draft_dir(folder: Path) -> DraftFacts:
-    """The facts of a saved draft directory: its ``config.json`` and its checkpoint's tensor names."""
+    """The facts of a saved draft directory: its ``config.json`` and its checkpoint's tensors."""
     config_path = folder / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -350,24 +814,21 @@ def read_draft_dir(folder: Path) -> DraftFacts:
         raise DraftConfigError(f"{config_path} is not valid JSON ({exc})") from None
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shapes: dict[str, tuple[int, ...]] = {}
+        for shard in sorted(set(weight_map.values())):
+            if (folder / shard).is_file():
+                shapes.update(_safetensors_header(folder / shard))
+        names = set(weight_map)
     elif (folder / "model.safetensors").is_file():
-        names = _safetensors_names(folder / "model.safetensors")
+        shapes = _safetensors_header(folder / "model.safetensors")
+        names = set(shapes)
     else:
         raise DraftConfigError(
             f"{folder} has a config.json but no model.safetensors (or its index): save the draft with "
             "save_pretrained(DIR) (safetensors)"
         )
-    return DraftFacts(config, frozenset(names))
-
-
-def vllm_speculative_config(folder: str | Path, facts: DraftFacts) -> dict[str, Any]:
-    """The ``--speculative-config`` to serve the draft in ``folder`` with vLLM."""
-    return {
-        "method": "dspark",
-        "model": str(Path(folder).resolve()),
-        "num_speculative_tokens": int(facts.get("block_size")),
-    }
+    return DraftFacts(config, frozenset(names), shapes)
 
 
 def serving_summary(verdicts: Sequence[Verdict]) -> str | None:
@@ -375,5 +836,5 @@ def serving_summary(verdicts: Sequence[Verdict]) -> str | None:
     failing = [v for v in verdicts if not v.ok and v.engine != "dspark"]
     if not failing:
         return None
-    parts = "; ".join(f"{v.engine} cannot ({v.reasons[0].split(' [')[0]})" for v in failing)
+    parts = "; ".join(f"{v.engine} {v.version} cannot ({v.reasons[0].split(' [')[0]})" for v in failing)
     return f"serving: {parts}. Run `dspark check-draft` on the exported draft for the rules and their sources"

@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run both models in fp32, so greedy speculative output equals plain greedy token for token",
     )
     parser.add_argument(
+        "--allow-family-mismatch",
+        action="store_true",
+        help="load a draft whose architectures/model_type name another family than the target's "
+        "(refused by default: it loads with the wrong layers)",
+    )
+    parser.add_argument(
         "--plot",
         type=Path,
         metavar="FILE.png",
@@ -228,7 +234,7 @@ def _load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     target_dir = require_model_dir(args.target, "--target")
     target: Any = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     target = target.to(device).eval()
-    draft = load_draft(args.draft, target, dtype=dtype)
+    draft = load_draft(args.draft, target, dtype=dtype, allow_family_mismatch=args.allow_family_mismatch)
     tokenizer = AutoTokenizer.from_pretrained(args.target) if _has_tokenizer(args.target) else None
     vocab = int(text_config_of(target.config).vocab_size)
     for token in args.eos_token_id or []:

@@ -17,11 +17,16 @@ import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from dspark_core.errors import DraftConfigError
+from dspark_core.errors import DraftConfigError, DraftFamilyError
+from dspark_core.family_guard import check_draft_family
 from dspark_core.modeling import blocks, masks
 from dspark_core.modeling.attention import RotaryEmbedding
 from dspark_core.modeling.confidence import ConfidenceHead
-from dspark_core.modeling.draft_config import draft_vocab_size_of, validate_dspark_config
+from dspark_core.modeling.draft_config import (
+    draft_vocab_size_of,
+    fill_loader_defaults,
+    validate_dspark_config,
+)
 from dspark_core.modeling.fit import check_config_fits_target, check_shares_target_weights
 from dspark_core.modeling.markov import MarkovHead, build_markov_head
 from dspark_core.modeling.sampling import filtered_probs
@@ -126,6 +131,8 @@ class DSparkDraftModel(PreTrainedModel):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__(config)
         validate_dspark_config(config)
+        # Every key DeepSpec's evaluator requires is then in the config, and in every export.
+        fill_loader_defaults(config)
         hidden, vocab = config.hidden_size, config.vocab_size
         draft_vocab = draft_vocab_size_of(config)
         num_features = len(config.target_layer_ids)
@@ -257,18 +264,70 @@ class DSparkDraftModel(PreTrainedModel):
         self.lm_head.weight.requires_grad_(self.has_reduced_vocabulary)
 
     @classmethod
+    def draft_architecture(cls) -> str:
+        """The name this class writes to ``config.architectures`` (the family's, or the class name)."""
+        family = getattr(cls, "family", None)
+        return str(getattr(family, "architecture", None) or cls.__name__)
+
+    @classmethod
+    def check_family(
+        cls,
+        pretrained_model_name_or_path: Any,
+        *,
+        target: PreTrainedModel | None = None,
+        allow_family_mismatch: bool = False,
+    ) -> None:
+        """Refuse a saved draft of another family than this class's (and ``target``'s), in one line."""
+        if allow_family_mismatch:
+            return
+        source = f"draft {str(pretrained_model_name_or_path)!r}"
+        model_type = getattr(cls.config_class, "model_type", "") or ""
+        expected_types = (model_type,) if model_type else ()
+        family = getattr(cls, "family", None)
+        target_types = tuple(getattr(family, "target_model_types", ()) or ())
+        if target is not None and target_types:
+            target_type = getattr(target.config.get_text_config(), "model_type", None)
+            if target_type not in target_types:
+                raise DraftFamilyError(
+                    f"{cls.__name__} drafts for targets of model_type {' or '.join(target_types)}, but the "
+                    f"target {type(target).__name__} has model_type {target_type!r}: load the draft through "
+                    "dspark_core.loading.load_draft (which picks the target's family), or pass "
+                    "allow_family_mismatch=True"
+                )
+        try:
+            saved, _ = PretrainedConfig.get_config_dict(pretrained_model_name_or_path)
+        except (OSError, ValueError):
+            return  # from_pretrained reports an unreadable config itself
+        loaded_as = "it is being loaded as"
+        if target is not None:
+            loaded_as = f"the target {type(target).__name__} resolves to"
+        check_draft_family(
+            saved,
+            source=source,
+            expected_architecture=cls.draft_architecture(),
+            expected_model_types=expected_types,
+            loaded_as=loaded_as,
+        )
+
+    @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: Any,
         *model_args: Any,
         target: PreTrainedModel | None = None,
+        allow_family_mismatch: bool = False,
         **kwargs: Any,
     ) -> Any:
         """``PreTrainedModel.from_pretrained``, plus loading a checkpoint without the target's weights.
 
         A checkpoint that omits ``embed_tokens`` and ``lm_head`` (the form vLLM and SGLang also load)
-        needs ``target=``, whose weights are attached.
+        needs ``target=``, whose weights are attached. A saved draft of another family (its
+        ``architectures``/``model_type`` against this class's) is refused with one
+        :class:`~dspark_core.errors.DraftFamilyError`, unless ``allow_family_mismatch=True``.
         """
+        cls.check_family(
+            pretrained_model_name_or_path, target=target, allow_family_mismatch=allow_family_mismatch
+        )
         want_info = kwargs.pop("output_loading_info", False)
         loaded: Any = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs

@@ -195,6 +195,33 @@ def has_reduced_vocabulary(config: Any) -> bool:
     return draft_vocab_size_of(config) < int(config.vocab_size)
 
 
+#: What this library's loader does when a config.json omits a key DeepSpec's evaluator requires (no
+#: Markov head, no confidence head, a vanilla head, a confidence head without Markov features; the
+#: method's N for the training-only num_anchors). An export writes them all.
+LOADER_DEFAULTS: dict[str, Any] = {
+    "num_anchors": DSparkDraftOptions.num_anchors,
+    "markov_rank": 0,
+    "enable_confidence_head": False,
+}
+
+
+def fill_loader_defaults(config: Any) -> None:
+    """Write onto ``config`` the loader's value of each DeepSpec-required key it lacks.
+
+    DeepSpec's Qwen3DSparkModel asserts ``num_anchors``, ``target_layer_ids``, ``mask_token_id``,
+    ``markov_rank``, ``enable_confidence_head``, ``markov_head_type`` (when markov_rank > 0) and
+    ``confidence_head_with_markov`` (with the confidence head) are present; an older or hand-written
+    config may omit the ones this library defaults. Present keys are never changed.
+    """
+    for name, value in LOADER_DEFAULTS.items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
+    if int(config.markov_rank) > 0 and getattr(config, "markov_head_type", None) is None:
+        config.markov_head_type = "vanilla"
+    if config.enable_confidence_head and getattr(config, "confidence_head_with_markov", None) is None:
+        config.confidence_head_with_markov = False
+
+
 def parse_draft_options(options: Mapping[str, Any]) -> DSparkDraftOptions:
     """``DSparkDraftOptions(**options)``, with an unknown option named in a :class:`DraftConfigError`."""
     try:
