@@ -12,7 +12,8 @@ Every row of the batch runs the batch-1 algorithm on its own; only the forwards 
    with the residual ``norm(max(p - q, 0))`` and a bonus token from ``p_l``);
 5. each row's target cache is cut back to its committed length, and its accepted rows' features
    become its next context rows. Rows that reach EOS or their budget leave the batch, so they stop
-   costing target and draft compute.
+   costing target and draft compute, and waiting prompts (beyond ``max_batch_size``) join it:
+   prefilled together in their own forward, their cache rows appended to the running ones.
 
 A row never drafts past its ``max_new_tokens``; a row with one token of budget left verifies its
 anchor alone. ``p`` and ``q`` both come from :func:`~dspark_core.modeling.sampling.filtered_probs`
