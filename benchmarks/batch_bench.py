@@ -105,6 +105,9 @@ def main() -> None:
         f"{'fixed batches' if args.chunks else 'rows join as others finish'}, proposal length "
         f"{args.proposal_length or 'block size'}, schedule {schedule}"
     )
+    # Warm-up (first-call allocations and kernel selection), not timed.
+    for kind in ("dspark", "plain"):
+        run(kind, target, draft, prompts[:4], 2, args, eos)
     walls: dict[tuple[str, int], list[float]] = {}
     last: dict[tuple[str, int], dict[str, Any]] = {}
     for repeat in range(args.repeats):
