@@ -86,11 +86,11 @@ def _our_outputs(draft: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def phase_ours(work: Path) -> None:
+    from dspark_gemma4.modeling import Gemma4DSparkModel
+    from dspark_gemma4.testing import tiny_target_config
     from transformers import Gemma4ForConditionalGeneration
 
     from dspark_core.targets.builders import TinyTargetShape
-    from dspark_gemma4.modeling import Gemma4DSparkModel
-    from dspark_gemma4.testing import tiny_target_config
 
     torch.manual_seed(0)
     target = Gemma4ForConditionalGeneration(tiny_target_config(TinyTargetShape(vocab_size=300)))
@@ -109,13 +109,12 @@ def phase_ours(work: Path) -> None:
 
 
 def phase_deepspec(work: Path) -> None:
+    import deepspec.modeling.dspark.gemma4.modeling as theirs
     import torch.distributed as dist
     import transformers
+    from deepspec.modeling.dspark.loss import compute_dspark_loss
     from safetensors.torch import load_file
     from transformers.models.gemma4.configuration_gemma4 import Gemma4TextConfig
-
-    import deepspec.modeling.dspark.gemma4.modeling as theirs
-    from deepspec.modeling.dspark.loss import compute_dspark_loss
 
     inputs = torch.load(work / "inputs.pt")
     config = Gemma4TextConfig.from_pretrained(work / "ours")
@@ -181,15 +180,21 @@ def phase_report(work: Path) -> None:
     mine = json.loads((work / "ours" / "config.json").read_text())
     same_fields = sorted(k for k in mine if k in published and mine[k] == published[k])
     print(f"DeepSpec ran under transformers {theirs['transformers']}")
-    print(f"config.json: {len(same_fields)} shared fields equal; differing: "
-          f"{sorted(k for k in mine if k in published and mine[k] != published[k])}")
-    print(f"labels equal: {torch.equal(ours['labels'], theirs['labels'])}; "
-          f"eval_mask equal: {torch.equal(ours['eval_mask'], theirs['eval_mask'])}")
+    print(
+        f"config.json: {len(same_fields)} shared fields equal; differing: "
+        f"{sorted(k for k in mine if k in published and mine[k] != published[k])}"
+    )
+    print(
+        f"labels equal: {torch.equal(ours['labels'], theirs['labels'])}; "
+        f"eval_mask equal: {torch.equal(ours['eval_mask'], theirs['eval_mask'])}"
+    )
     for name in ("logits", "confidence", "loss", "proposal_logits"):
         diff = (ours[name].float() - theirs[name].float()).abs().max().item()
         back = (again[name].float() - ours[name].float()).abs().max().item()
-        print(f"{name}: max |ours - DeepSpec| = {diff:.3e}; DeepSpec's checkpoint in ours reproduces "
-              f"ours to {back:.3e}")
+        print(
+            f"{name}: max |ours - DeepSpec| = {diff:.3e}; DeepSpec's checkpoint in ours reproduces "
+            f"ours to {back:.3e}"
+        )
     print(f"greedy proposal equal: {torch.equal(ours['proposal_tokens'], theirs['proposal_tokens'])}")
 
 

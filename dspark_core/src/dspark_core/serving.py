@@ -321,9 +321,12 @@ def _engine_verdict(engine: Engine, facts: DraftFacts) -> Verdict:
     return verdict
 
 
-def check_draft(facts: DraftFacts, engines: Iterable[Engine] = ENGINES) -> list[Verdict]:
-    """Per loader (dspark first, then each engine), whether it can load the draft and why not."""
-    return [_dspark_verdict(facts), *(_engine_verdict(engine, facts) for engine in engines)]
+def check_draft(facts: DraftFacts, engines: Iterable[Engine] | None = None) -> list[Verdict]:
+    """Per loader (dspark first, then each engine), whether it can load the draft and why not.
+
+    ``engines`` defaults to the rules for the draft's architecture (:func:`engines_for`)."""
+    chosen = engines_for(facts) if engines is None else engines
+    return [_dspark_verdict(facts), *(_engine_verdict(engine, facts) for engine in chosen)]
 
 
 def draft_facts(config: Any, tensor_names: Iterable[str] | None = None) -> DraftFacts:
@@ -377,3 +380,142 @@ def serving_summary(verdicts: Sequence[Verdict]) -> str | None:
         return None
     parts = "; ".join(f"{v.engine} cannot ({v.reasons[0].split(' [')[0]})" for v in failing)
     return f"serving: {parts}. Run `dspark check-draft` on the exported draft for the rules and their sources"
+
+
+# ==== Gemma 4 drafts (dspark-gemma4; owner: gemma) ===================================================
+# A Gemma4DSparkModel draft meets other loaders than a Qwen3 one: each engine's rules for it, read from
+# vLLM 0.34.0's released wheel and DeepSpec @afdfa7c9. engines_for() picks them by the draft's
+# architecture; every other draft keeps ENGINES.
+
+_V34 = "vLLM 0.34.0 wheel"
+_V34_GEMMA4 = f"vllm/model_executor/models/gemma4_dspark.py ({_V34})"
+_DEEPSPEC_GEMMA4 = "deepspec/modeling/dspark/gemma4/config.py @afdfa7c9"
+GEMMA4_TEXT_MODEL_TYPES = ("gemma4_text", "gemma4_unified_text")
+
+
+def _keys_are_values(facts: DraftFacts, required: bool) -> str | None:
+    if not required or facts.get("attention_k_eq_v", False):
+        return None
+    return (
+        "attention_k_eq_v false: its fused context K/V precompute assumes every layer's values are its keys"
+    )
+
+
+CHECKS["keys_are_values"] = _keys_are_values
+__all__ += ["GEMMA4_ENGINES", "engines_for"]
+
+GEMMA4_ENGINES: tuple[Engine, ...] = (
+    Engine(
+        name="DeepSpec/NeMo",
+        version="deepseek-ai/DeepSpec main @afdfa7c9; NeMo AutoModel unverified (assumed to match DeepSpec)",
+        rules=(
+            Rule(
+                "architectures",
+                ("Gemma4DSparkModel",),
+                "deepspec/eval/dspark/evaluator.py @afdfa7c9:224-225 Gemma4DSparkEvaluator",
+            ),
+            Rule(
+                "model_types",
+                GEMMA4_TEXT_MODEL_TYPES,
+                f"{_DEEPSPEC_GEMMA4}:9-19 get_gemma4_text_config (a copy of the target's text config)",
+            ),
+            Rule(
+                "markov_head_types",
+                ("vanilla", "gated", "rnn"),
+                "deepspec/modeling/dspark/markov_head.py @afdfa7c9:287-311 build_markov_head",
+            ),
+            Rule(
+                "markov_rank_zero",
+                True,
+                "deepspec/modeling/dspark/markov_head.py @afdfa7c9:290-291 (r=0: none)",
+            ),
+            Rule("embedding_layer", True, f"{_DEEPSPEC_COMMON} (-1 is hidden_states[0])"),
+            Rule(
+                "last_layer",
+                False,
+                "deepspec/eval/dspark/evaluator.py @afdfa7c9:80 assert_no_final_target_layer",
+            ),
+            Rule(
+                "target_weights",
+                True,
+                "from_pretrained of the draft class attaches no target weights",
+                verified=False,
+            ),
+        ),
+        block_size="proposes block_size tokens per round (max_proposal_tokens = block_size)",
+    ),
+    Engine(
+        name="vLLM",
+        version=f"{_V34} (method 'dspark', Gemma4DSparkForCausalLM)",
+        rules=(
+            Rule(
+                "architectures",
+                ("Gemma4DSparkModel",),
+                f"vllm/model_executor/models/registry.py ({_V34}):731",
+            ),
+            Rule(
+                "model_types",
+                GEMMA4_TEXT_MODEL_TYPES,
+                f"{_V34_GEMMA4}:55-57 reads per_layer_config, which a Gemma 4 text config builds",
+            ),
+            Rule(
+                "markov_head_types",
+                ("vanilla",),
+                f"{_V34_GEMMA4}:195-200 DSparkMarkovHead (markov_w1/w2 only)",
+            ),
+            Rule("markov_rank_zero", False, f"{_V34_GEMMA4}:195-200 builds the Markov head unconditionally"),
+            Rule(
+                "keys_are_values",
+                True,
+                f"{_V34_GEMMA4}:220-222 (run after loading: qwen3_dflash.py ({_V34}):1023-1024)",
+            ),
+            Rule(
+                "target_weights",
+                True,
+                f"{_V34_GEMMA4}:304 dspark_shares_target_embeddings = False; 326-344 loads its own",
+            ),
+            Rule(
+                "embedding_layer",
+                True,
+                f"{_VLLM_AUX}: aux layer 0 is the embedding stream",
+                verified=False,
+            ),
+            Rule("last_layer", False, f"{_VLLM_AUX}: aux layer n is past the last layer, never captured"),
+            Rule(
+                "config_fields",
+                ("target_layer_ids", "markov_rank", "layer_types", "global_head_dim", "block_size"),
+                f"{_V34_GEMMA4}:50-57,156-158,198 (block_size: {_VLLM_CONFIG})",
+            ),
+        ),
+        block_size=(
+            "num_speculative_tokens must equal block_size; logits soft-capped by final_logit_softcapping "
+            f"({_V34_GEMMA4}:320-323)"
+        ),
+    ),
+    Engine(
+        name="SGLang",
+        version="sgl-project/sglang main @2dd29f7b (DSparkWorkerV2 @028b6e61)",
+        rules=(
+            Rule(
+                "architectures",
+                ("Qwen3DSparkModel",),
+                f"{_SGL_MODEL} (EntryClass, matched by class name; no Gemma 4 DSpark model)",
+            ),
+        ),
+        block_size="verifies block_size drafts plus the anchor (speculative_num_draft_tokens only warns)",
+    ),
+)
+
+#: Rule sets per draft architecture (``config.architectures[0]``); any other draft gets :data:`ENGINES`.
+ENGINES_BY_ARCHITECTURE: dict[str, tuple[Engine, ...]] = {"Gemma4DSparkModel": GEMMA4_ENGINES}
+
+
+def engines_for(facts: DraftFacts) -> tuple[Engine, ...]:
+    """The engines' rules for this draft's architecture."""
+    for name in facts.get("architectures") or []:
+        if name in ENGINES_BY_ARCHITECTURE:
+            return ENGINES_BY_ARCHITECTURE[name]
+    return ENGINES
+
+
+# ==== end of the Gemma 4 block ========================================================================

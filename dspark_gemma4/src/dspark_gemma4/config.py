@@ -120,7 +120,7 @@ def _check_supported(text: Any) -> None:
     if bad:
         raise DraftConfigError(
             f"the Gemma 4 DSpark draft layer supports dense targets only; this target's text config sets "
-            f"{', '.join(bad)} (a MoE or per-layer-input Gemma 4), which DeepSpec's draft does not support either"
+            f"{', '.join(bad)} (a MoE or per-layer-input Gemma 4), which DeepSpec's draft does not support"
         )
 
 
@@ -144,7 +144,7 @@ def build_draft_config(target_config: PretrainedConfig, **options: Any) -> Pretr
     fields["layer_types"] = [FULL_ATTENTION] * num_draft_layers
     fields["global_head_dim"] = head_dim
     fields["num_global_key_value_heads"] = kv_heads if bool(fields.get("attention_k_eq_v")) else None
-    config = draft_config_class(text.model_type)(**fields)
+    config: PretrainedConfig = draft_config_class(text.model_type)(**fields)
     config.architectures = [ARCHITECTURE]
     config.target_model_type = top_type
     config.target_text_model_type = str(text.model_type)

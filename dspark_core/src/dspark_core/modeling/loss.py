@@ -489,7 +489,7 @@ class _VocabTerms(torch.autograd.Function):
                 grad_latent[rows] = grad_logits @ w2_c
             if grad_w2 is not None and latent_rows is not None:
                 grad_w2.addmm_(grad_logits.T, latent_rows)
-            if capped is not None:
+            if capped is not None and cap is not None:
                 # From here on, the gradient of the raw lm_head logits.
                 grad_logits.mul_(capped.div_(cap).square_().neg_().add_(1.0))
                 del capped
