@@ -86,11 +86,11 @@ def _our_outputs(draft: Any, inputs: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def phase_ours(work: Path) -> None:
-    from dspark_gemma4.modeling import Gemma4DSparkModel
-    from dspark_gemma4.testing import tiny_target_config
     from transformers import Gemma4ForConditionalGeneration
 
     from dspark_core.targets.builders import TinyTargetShape
+    from dspark_gemma4.modeling import Gemma4DSparkModel
+    from dspark_gemma4.testing import tiny_target_config
 
     torch.manual_seed(0)
     target = Gemma4ForConditionalGeneration(tiny_target_config(TinyTargetShape(vocab_size=300)))

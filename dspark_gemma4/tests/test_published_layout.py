@@ -21,8 +21,6 @@ from typing import Any
 
 import pytest
 import torch
-from dspark_gemma4.config import build_draft_config, draft_config_class
-from dspark_gemma4.modeling import Gemma4DSparkModel
 from transformers import Gemma4Config, Gemma4TextConfig
 from transformers.models.gemma4_unified.configuration_gemma4_unified import (
     Gemma4UnifiedConfig,
@@ -30,6 +28,8 @@ from transformers.models.gemma4_unified.configuration_gemma4_unified import (
 )
 
 from dspark_core.errors import DraftConfigError
+from dspark_gemma4.config import build_draft_config, draft_config_class
+from dspark_gemma4.modeling import Gemma4DSparkModel
 
 HIDDEN, VOCAB, HEADS, GLOBAL_HEAD_DIM, GLOBAL_KV, FFN = 3840, 262144, 16, 512, 4, 15360
 DEEPSPEC_12B_OPTIONS: dict[str, Any] = {
