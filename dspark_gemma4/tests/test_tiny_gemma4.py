@@ -195,6 +195,7 @@ def test_resume_is_bit_identical(target_dir: Path, tmp_path: Path) -> None:
     split = TrainConfig.from_mapping({**settings, "output_dir": str(tmp_path / "split")})
     first = Trainer(split)
     first.train(stop_at=3)
+    at_three = trainable_state(first)
     del first
     second = Trainer(dataclasses.replace(split, resume=True))
     assert second.step == 3
@@ -203,4 +204,4 @@ def test_resume_is_bit_identical(target_dir: Path, tmp_path: Path) -> None:
     assert expected.keys() == resumed.keys() and len(expected) > 10
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
-    assert not torch.equal(expected["fc.weight"], Trainer(split).draft.fc.weight.detach())  # it trained
+    assert not torch.equal(at_three["fc.weight"], resumed["fc.weight"])  # the resumed steps trained
