@@ -123,7 +123,9 @@ def test_list_shows_every_gemma4_architecture_ok() -> None:
 def test_doctor_builds_and_runs_a_tiny_gemma4_draft() -> None:
     lines = dspark("doctor").stdout.splitlines()
     (line,) = [line for line in lines if line.startswith("ok       Gemma4ForConditionalGeneration ->")]
-    assert line.endswith("tiny draft for family 'gemma4': forward and propose ok"), line
+    assert "tiny draft for family 'gemma4': forward and propose ok" in line, line
+    # doctor's speculative decode ran on the tiny target's own sliding and full layers
+    assert line.endswith(f"speculative decode ok (sliding window {TINY_SLIDING_WINDOW}, hybrid)"), line
     assert not any(line.startswith("PROBLEM") for line in lines)
 
 

@@ -74,7 +74,9 @@ def tiny_target_config(shape: TinyTargetShape, *, sliding_window: int = TINY_SLI
         "tie_word_embeddings": False,
         "bos_token_id": shape.bos_token_id,
         "eos_token_id": shape.eos_token_id,
-        "pad_token_id": shape.pad_token_id,
+        # Gemma4Model.forward writes pad_token_id over multimodal positions, so it must be set; 0 is
+        # Gemma's own default.
+        "pad_token_id": 0 if shape.pad_token_id is None else shape.pad_token_id,
     }
     return Gemma4Config(
         text_config=Gemma4TextConfig(**text),
