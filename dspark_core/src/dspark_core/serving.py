@@ -483,7 +483,8 @@ GEMMA4_ENGINES: tuple[Engine, ...] = (
             Rule("last_layer", False, f"{_VLLM_AUX}: aux layer n is past the last layer, never captured"),
             Rule(
                 "config_fields",
-                ("target_layer_ids", "markov_rank", "layer_types", "global_head_dim", "block_size"),
+                # not global_head_dim: a config saved with the default 512 leaves it out (diff dict)
+                ("target_layer_ids", "markov_rank", "layer_types", "block_size"),
                 f"{_V34_GEMMA4}:50-57,156-158,198 (block_size: {_VLLM_CONFIG})",
             ),
         ),
