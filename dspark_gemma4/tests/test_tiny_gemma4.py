@@ -207,3 +207,14 @@ def test_resume_is_bit_identical(target_dir: Path, tmp_path: Path) -> None:
     for name in expected:
         assert torch.equal(expected[name], resumed[name]), name
     assert not torch.equal(at_three["fc.weight"], resumed["fc.weight"])  # the resumed steps trained
+
+
+def test_a_published_config_without_the_default_global_head_dim_is_servable(trained: Path) -> None:
+    """transformers 5.10 saves a diff against the class defaults, so the 12B draft's global_head_dim
+    (the default 512) is not in its config.json; vLLM reads the default back."""
+    from dspark_core.serving import check_draft, read_draft_dir
+
+    facts = read_draft_dir(trained)
+    config = {k: v for k, v in facts.config.items() if k != "global_head_dim"}
+    verdicts = {v.engine: v.ok for v in check_draft(dataclasses.replace(facts, config=config))}
+    assert verdicts == {"dspark": True, "DeepSpec/NeMo": True, "vLLM": True, "SGLang": False}
