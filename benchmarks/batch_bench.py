@@ -3,7 +3,8 @@
     flock /work/heavy.lock python benchmarks/batch_bench.py [--root runs/quickstart] [--batch-sizes 1 4 8 16]
 
 Needs a finished ``dspark quickstart DIR`` (the embedded target and its trained draft). Decodes the
-held-out prompts greedily, ``--max-new-tokens`` each, in input order, in batches of each size, with
+held-out prompts greedily, ``--max-new-tokens`` each, in input order, at most N rows at a time for
+each batch size N (waiting prompts join as rows finish; ``--chunks``: fixed batches of N), with
 :func:`speculative_generate_batch` and :func:`plain_generate_batch`. Runs are interleaved: for each
 repeat and batch size, speculative and plain alternate which goes first. Prints, per batch size, the
 wall time of the whole prompt set (median and min-max over repeats), the speedups, tau and where the
@@ -21,7 +22,12 @@ from typing import Any
 
 import torch
 
-from dspark_core.decoding import combine_metrics, plain_generate_batch, speculative_generate_batch
+from dspark_core.decoding import (
+    ConfidenceSchedule,
+    combine_metrics,
+    plain_generate_batch,
+    speculative_generate_batch,
+)
 
 
 def load(root: Path) -> tuple[Any, Any, list[torch.Tensor], Any]:
@@ -45,22 +51,27 @@ def run(
     outputs: list[list[int]] = []
     metrics = []
     began = time.perf_counter()
+    # --chunks: fixed batches of `size` prompts; otherwise one call, at most `size` rows at a time,
+    # waiting prompts joining as rows finish.
+    step = size if args.chunks else len(prompts)
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "eos_token_id": eos}
+    if not args.chunks:
+        options["max_batch_size"] = size
     with torch.inference_mode():
-        for start in range(0, len(prompts), size):
-            chunk = prompts[start : start + size]
+        for start in range(0, len(prompts), step):
+            chunk = prompts[start : start + step]
             if kind == "dspark":
                 results = speculative_generate_batch(
                     target,
                     draft,
                     chunk,
-                    max_new_tokens=args.max_new_tokens,
-                    eos_token_id=eos,
                     check_fit=False,
+                    proposal_length=args.proposal_length,
+                    schedule=args.schedule,
+                    **options,
                 )
             else:
-                results = plain_generate_batch(
-                    target, chunk, max_new_tokens=args.max_new_tokens, eos_token_id=eos
-                )
+                results = plain_generate_batch(target, chunk, **options)
             outputs.extend(r.new_tokens for r in results)
             metrics.extend(r.metrics for r in results)
     wall = time.perf_counter() - began
@@ -76,15 +87,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None, help="first N held-out prompts only")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--chunks", action="store_true", help="fixed batches instead of joining rows")
+    parser.add_argument("--proposal-length", type=int, default=None)
+    parser.add_argument("--schedule", type=ConfidenceSchedule.parse, default=None, help="e.g. product:0.3")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     target, draft, prompts, eos = load(args.root)
     prompts = prompts[: args.limit]
+    schedule = args.schedule.describe() if args.schedule else "off"
     print(
         f"{len(prompts)} held-out prompts ({min(map(len, prompts))}-{max(map(len, prompts))} tokens), "
         "greedy, "
-        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}"
+        f"{args.max_new_tokens} new tokens, torch threads {torch.get_num_threads()}, "
+        f"{'fixed batches' if args.chunks else 'rows join as others finish'}, proposal length "
+        f"{args.proposal_length or 'block size'}, schedule {schedule}"
     )
+    # Warm-up (first-call allocations and kernel selection), not timed.
+    for kind in ("dspark", "plain"):
+        run(kind, target, draft, prompts[:4], 2, args, eos)
     walls: dict[tuple[str, int], list[float]] = {}
     last: dict[tuple[str, int], dict[str, Any]] = {}
     for repeat in range(args.repeats):

@@ -138,6 +138,19 @@ class DraftKVCache:
             if bool((self._lengths == self.width).all()):
                 self._lengths = None
 
+    def add_rows(self, existing: int, count: int) -> None:
+        """``count`` empty rows join after the ``existing`` ones (prompts joining a running batch)."""
+        keys = self._keys[0]
+        device = keys.device if keys is not None else torch.device("cpu")
+        held = self.row_lengths(existing, device)
+        for i, (stored_keys, stored_values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if stored_keys is not None and stored_values is not None:
+                pad = stored_keys.new_zeros((count, *stored_keys.shape[1:]))
+                self._keys[i] = torch.cat([stored_keys, pad])
+                self._values[i] = torch.cat([stored_values, pad.to(stored_values.dtype)])
+        lengths = torch.cat([held, torch.zeros(count, dtype=torch.long, device=device)])
+        self._lengths = None if bool((lengths == self.width).all()) else lengths
+
     def select(self, rows: Tensor) -> None:
         """Keep only the batch rows ``rows`` (finished rows leave the batch)."""
         for i, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
