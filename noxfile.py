@@ -16,15 +16,16 @@ nox.options.sessions = ["tests", "lint", "typecheck", "build"]
 nox.options.error_on_missing_interpreters = True
 
 ROOT = Path(__file__).parent
-DISTRIBUTIONS = ("dspark_core", "dspark_qwen3")
+DISTRIBUTIONS = ("dspark_core", "dspark_qwen3", "dspark_gemma4")
 # torch is pinned to the CPU wheel: an unpinned torch pulls a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
 # Both ends of the transformers range the distributions declare (>=5.22,<5.25).
 TRANSFORMERS_TESTED = ("5.22.2", "5.24.0")
-#: What the typecheck session checks: both distributions and the worked example family.
+#: What the typecheck session checks: the three distributions and the worked example family.
 TYPED_PACKAGES = (
     "dspark_core/src/dspark_core",
     "dspark_qwen3/src/dspark_qwen3",
+    "dspark_gemma4/src/dspark_gemma4",
     "examples/dspark-llama/src/dspark_llama",
 )
 # hatchling: tests/test_example_llama.py builds examples/dspark-llama offline with it.
@@ -60,6 +61,7 @@ def tests(session: nox.Session, transformers: str) -> None:
     session.install(
         f"{wheels['dspark_core']}[torch,plot]",
         wheels["dspark_qwen3"],
+        wheels["dspark_gemma4"],
         TORCH,
         f"transformers=={transformers}",
         *TEST_DEPS,
@@ -116,7 +118,7 @@ def build(session: nox.Session) -> None:
         if not entry_points:
             session.error(f"{wheel.name} has no entry_points.txt")
         text = zipfile.ZipFile(wheel).read(entry_points[0]).decode()
-        expected = "[dspark.drafts]" if dist == "dspark_qwen3" else "[console_scripts]"
+        expected = "[console_scripts]" if dist == "dspark_core" else "[dspark.drafts]"
         if expected not in text:
             session.error(f"{wheel.name}: entry_points.txt lacks {expected}")
         session.log(f"{wheel.name}: ok ({len(names)} files)")

@@ -170,7 +170,8 @@ def test_doctor_fails_when_no_family_is_registered(tmp_path):
         site, "fam-misspelt", modules={"fam_misspelt": spec_plugin_source({"MisForLM": "fam_misspelt:D"})}
     )
     (dist_info / "entry_points.txt").write_text("[dspark.draft]\nmisspelt = fam_misspelt\n")
-    result = run_cli(site, "doctor", DSPARK_DISABLE_PLUGINS="qwen3")
+    # Every installed family is disabled (dspark-gemma4 too, where the test run installs it).
+    result = run_cli(site, "doctor", DSPARK_DISABLE_PLUGINS="qwen3,dspark-gemma4")
     assert result.returncode == 1, result.stdout
     (problem,) = [line for line in result.stdout.splitlines() if line.startswith("PROBLEM")]
     assert "no dspark family is registered" in problem and "'dspark.drafts'" in problem

@@ -92,12 +92,16 @@ def make_batch(
     )
 
 
-def direct(batch: Batch, config: DSparkLossConfig) -> dict[str, Tensor]:
+def direct(batch: Batch, config: DSparkLossConfig, softcap: float | None = None) -> dict[str, Tensor]:
     """The objective written out in full: [M, B, V] logits, no gathering, no chunking."""
-    logits = batch.draft_hidden @ batch.lm_head_weight.T
+
+    def capped(logits: Tensor) -> Tensor:
+        return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+    logits = capped(batch.draft_hidden @ batch.lm_head_weight.T)
     if batch.markov_latent is not None and batch.markov_w2_weight is not None:
         logits = logits + batch.markov_latent @ batch.markov_w2_weight.T
-    teacher_logits = (batch.teacher_hidden @ batch.lm_head_weight.T).detach()
+    teacher_logits = capped(batch.teacher_hidden @ batch.lm_head_weight.T).detach()
     ce = -torch.log_softmax(logits, dim=-1).gather(-1, batch.labels[..., None]).squeeze(-1)
     d = (torch.softmax(logits, dim=-1) - torch.softmax(teacher_logits, dim=-1)).abs().sum(-1)
     alpha = (1 - d / 2).clamp(0, 1)
@@ -164,6 +168,23 @@ def test_terms_and_gradients_match_direct_computation(
     assert ref["l1"] > 0.1 and ref["ce"] > 0.1  # the case is not degenerate
     if confidence:
         assert ref["confidence"] > 0.1
+    assert_grads_close(grads(out.loss, batch), grads(ref["loss"], batch))
+
+
+@pytest.mark.parametrize("markov", [True, False], ids=["markov", "no-markov"])
+@pytest.mark.parametrize("chunk_size", [3, None], ids=["chunked", "whole"])
+def test_logit_softcap_matches_direct_computation(markov: bool, chunk_size: int | None) -> None:
+    """Gemma's final_logit_softcapping: cap * tanh(z / cap) on the lm_head logits of draft and
+    teacher, the Markov term added after it; terms and every gradient (lm_head's included)."""
+    batch = make_batch(markov=markov, lm_head_grad=True)
+    config = DSparkLossConfig(chunk_size=chunk_size)
+    cap = 1.5  # small enough that tanh bends the logits of this batch
+    out = dspark_objective(**batch.kwargs(), config=config, logit_softcap=cap)  # type: ignore[arg-type]
+    ref = direct(batch, config, softcap=cap)
+    uncapped = direct(batch, config)
+    for name in ("ce", "l1", "confidence"):
+        torch.testing.assert_close(getattr(out, name), ref[name].detach(), msg=name)
+    assert abs(float(ref["l1"].detach()) - float(uncapped["l1"].detach())) > 1e-3  # the cap matters
     assert_grads_close(grads(out.loss, batch), grads(ref["loss"], batch))
 
 

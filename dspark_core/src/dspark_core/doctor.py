@@ -242,7 +242,10 @@ def _tiny_draft(entry: ArchitectureEntry, config_class: type[Any], target: Any) 
             f"its spec {entry.reference} has no build_draft(target, **options) (see TrainableDraftSpec), "
             "so `dspark train` cannot build a draft either"
         )
-    mask_token_id = int(target.config.vocab_size) - 1
+    from dspark_core.model_dirs import text_config_of
+
+    # A multimodal target (Gemma 4) keeps its vocabulary in its text config.
+    mask_token_id = int(text_config_of(target.config).vocab_size) - 1
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore", TargetLayerWarning)  # layer n-1 is read on purpose; never served
         torch.manual_seed(0)

@@ -342,7 +342,7 @@ CHECKS: dict[str, Callable[[DraftFacts, Any], Outcome]] = {
     "block_size": _block_size,
 }
 #: Kinds that say how an engine uses a draft and never refuse one (printed as notes).
-INFORMATIONAL = frozenset({"confidence_head", "block_size"})
+INFORMATIONAL = frozenset({"confidence_head", "block_size", "logit_softcap"})
 
 
 # -- the engines' rules (Qwen3 drafts) ------------------------------------------------------------------
@@ -680,7 +680,191 @@ SGLANG = Engine(
 
 #: Every engine block. A family appends its own blocks (one per engine) in a delimited section
 #: below; check_draft applies, per engine name, the block whose architectures name the draft.
-ENGINES: tuple[Engine, ...] = (DEEPSPEC, VLLM, SGLANG)
+# -- the engines' rules (Gemma 4 drafts, dspark-gemma4) ---------------------------------------------------
+# A Gemma4DSparkModel draft is a block of its own in each engine that has a loader for it. Read from
+# vLLM's wheels (gemma4_dspark.py first ships in 0.26.0; lines cited from 0.34.0) and DeepSpec main at
+# afdfa7c9. No SGLang release from 0.5.16 to 0.5.23 has a Gemma 4 DSpark model: its Qwen3 block's
+# dispatch refuses the draft.
+
+_DS_GEMMA4 = f"{_DS} deepspec/modeling/dspark/gemma4"
+_V_GEMMA4 = "model_executor/models/gemma4_dspark.py"
+
+
+def _keys_are_values(facts: DraftFacts, required: bool) -> Outcome:
+    if not required:
+        return None
+    on = bool(facts.get("attention_k_eq_v", False))
+    return on, f"attention_k_eq_v {str(on).lower()}"
+
+
+def _no_loader(facts: DraftFacts, _: Any) -> Outcome:
+    return False, f"{', '.join(facts.architectures)} has no loader in this release"
+
+
+def _logit_softcap(facts: DraftFacts, _: Any) -> Outcome:
+    return True, f"final_logit_softcapping {facts.get('final_logit_softcapping')}"
+
+
+CHECKS.update(keys_are_values=_keys_are_values, no_loader=_no_loader, logit_softcap=_logit_softcap)
+
+DEEPSPEC_GEMMA4 = Engine(
+    name=DEEPSPEC.name,
+    key=DEEPSPEC.key,
+    releases=DEEPSPEC.releases,
+    source=DEEPSPEC.source,
+    architectures=("Gemma4DSparkModel",),
+    dispatch=Rule(
+        "architectures",
+        "architectures",
+        (("Gemma4DSparkModel",), True),
+        "eval.py picks Gemma4DSparkEvaluator by config.architectures[0] alone",
+        f"{_DS} eval.py:10-16,54; deepspec/eval/dspark/evaluator.py:224-225",
+    ),
+    rules=(
+        Rule(
+            "config-keys",
+            "config_keys",
+            DEEPSPEC_CONFIG_KEYS,
+            "the Gemma 4 draft reads the same DSpark fields as the Qwen3 one, each asserted present",
+            f"{_DS_GEMMA4}/modeling.py; {_DS_MODEL}:207-224",
+        ),
+        Rule(
+            "markov-head-types",
+            "markov_head_types",
+            ("vanilla", "gated", "rnn"),
+            "build_markov_head builds vanilla, gated and rnn heads",
+            f"{_DS_MARKOV}:287-311",
+        ),
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
+            True,
+            "build_markov_head returns no head, and sampling uses the base logits",
+            f"{_DS_MARKOV}:290-291",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            None,
+            "loads a confidence head with or without Markov features",
+            f"{_DS_GEMMA4}/modeling.py",
+        ),
+        Rule(
+            "embedding-layer",
+            "embedding_layer",
+            True,
+            "id -1 reads hidden_states[0], the embedding output",
+            f"{_DS} deepspec/modeling/dspark/common.py:52-56",
+        ),
+        Rule(
+            "last-layer",
+            "last_layer",
+            False,
+            "the evaluator asserts the final target layer is no feature layer",
+            f"{_DS} deepspec/eval/dspark/evaluator.py:80",
+        ),
+        Rule(
+            "target-weights",
+            "target_weights",
+            True,
+            "the evaluator loads the draft alone and embeds and projects with its own weights",
+            f"{_DS} deepspec/eval/dspark/evaluator.py:224-225",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            False,
+            "DeepSpec's draft always has a full-vocabulary lm_head",
+            f"{_DS_GEMMA4}/modeling.py",
+        ),
+    ),
+)
+
+VLLM_GEMMA4 = Engine(
+    name=VLLM.name,
+    key=VLLM.key,
+    releases=VLLM.releases,
+    source=VLLM.source,
+    architectures=("Gemma4DSparkModel",),
+    dispatch=Rule(
+        "architectures",
+        "architectures",
+        (("Gemma4DSparkModel",), False),
+        "the registry maps Gemma4DSparkModel to Gemma4DSparkForCausalLM",
+        "vllm 0.26.0 vllm/model_executor/models/registry.py:612 "
+        f"({_V34}/model_executor/models/registry.py:731)",
+    ),
+    rules=(
+        Rule(
+            "loader",
+            "no_loader",
+            None,
+            "0.25.0 ships no gemma4_dspark.py and its registry has no Gemma4DSparkModel",
+            f"{_V25}/model_executor/models/ (no gemma4_dspark.py)",
+            until="0.25",
+        ),
+        Rule(
+            "markov-head-types",
+            "markov_head_types",
+            ("vanilla",),
+            "DSparkMarkovHead has markov_w1/markov_w2 only (vanilla)",
+            f"{_V34}/{_V_GEMMA4}:195-200",
+            since="0.26",
+        ),
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
+            False,
+            "the Markov head is built unconditionally",
+            f"{_V34}/{_V_GEMMA4}:195-200",
+            since="0.26",
+        ),
+        Rule(
+            "keys-are-values",
+            "keys_are_values",
+            True,
+            "the fused context K/V precompute asserts every draft layer is full attention with "
+            "attention_k_eq_v",
+            f"{_V34}/{_V_GEMMA4}:50-53,220-222",
+            since="0.26",
+        ),
+        Rule(
+            "target-weights",
+            "target_weights",
+            True,
+            "dspark_shares_target_embeddings = False: the draft's own embed_tokens and lm_head load",
+            f"{_V34}/{_V_GEMMA4}:304,326-344",
+            since="0.26",
+        ),
+        Rule(
+            "last-layer",
+            "last_layer",
+            False,
+            "captured before the final norm, so features differ from HF-trained drafts",
+            f"{_V34}/model_executor/models/gemma4.py (aux hidden states)",
+            since="0.26",
+            unverified="read from the Qwen3 path's capture; the Gemma 4 target's capture was not traced",
+        ),
+        Rule(
+            "config-keys",
+            "config_keys",
+            ("target_layer_ids", "markov_rank", "layer_types"),
+            "reads target_layer_ids, markov_rank and per-layer types",
+            f"{_V34}/{_V_GEMMA4}:50-57,156-158,198",
+            since="0.26",
+        ),
+        Rule(
+            "logit-softcap",
+            "logit_softcap",
+            None,
+            "the logits processor soft-caps with final_logit_softcapping",
+            f"{_V34}/{_V_GEMMA4}:320-323",
+            since="0.26",
+        ),
+    ),
+)
+
+ENGINES: tuple[Engine, ...] = (DEEPSPEC, DEEPSPEC_GEMMA4, VLLM, VLLM_GEMMA4, SGLANG)
 
 
 # -- applying them ------------------------------------------------------------------------------------

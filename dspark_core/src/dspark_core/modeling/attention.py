@@ -97,24 +97,41 @@ class RotaryEmbedding(nn.Module):
     for sequences within the original context: ``dynamic`` and ``longrope`` do not re-scale as a
     sequence grows, so training and decoding see the same frequencies at every position.
 
+    ``layer_type`` reads ``rope_parameters[layer_type]`` of a config whose rope parameters are keyed by
+    layer type (Gemma 3/4), and ``head_dim`` overrides ``config.head_dim`` (a draft whose layers use
+    the target's full-attention head size, Gemma 4's ``global_head_dim``).
+
     A bf16 ``inv_freq`` drifts in phase as positions grow, which lowers acceptance, so every
     ``.to(dtype)``/``.half()`` recomputes the frequencies in float32 (on the buffer's device).
     """
 
     inv_freq: Tensor
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, *, layer_type: str | None = None, head_dim: int | None = None) -> None:
         super().__init__()
         self.config = config
+        self.layer_type = layer_type
+        self.head_dim_override = head_dim
         inv_freq, self.attention_scaling = self._frequencies()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _head_dim(self) -> int:
-        dim = getattr(self.config, "head_dim", None)
+        dim = self.head_dim_override or getattr(self.config, "head_dim", None)
         return int(dim or self.config.hidden_size // self.config.num_attention_heads)
 
-    def _frequencies(self) -> tuple[Tensor, float]:
+    def _layer_rope_parameters(self) -> dict[str, Any]:
         parameters = getattr(self.config, "rope_parameters", None) or {}
+        if self.layer_type is None:
+            return dict(parameters)
+        if self.layer_type not in parameters:
+            raise DraftConfigError(
+                f"`rope_parameters` has no entry for layer type {self.layer_type!r} "
+                f"(it has {', '.join(map(repr, parameters)) or 'none'})"
+            )
+        return dict(parameters[self.layer_type] or {})
+
+    def _frequencies(self) -> tuple[Tensor, float]:
+        parameters = self._layer_rope_parameters()
         rope_type = parameters.get("rope_type", "default")
         dim = self._head_dim()
         if rope_type == "default":
@@ -131,7 +148,9 @@ class RotaryEmbedding(nn.Module):
                 f"`rope_parameters.rope_type` {rope_type!r} is unknown to this transformers; the draft "
                 f"supports default, {', '.join(ROPE_INIT_FUNCTIONS)}"
             )
-        inv_freq, scaling = init(self.config, None)
+        # transformers reads a layer type's parameters (and head size) itself given layer_type
+        extra = {} if self.layer_type is None else {"layer_type": self.layer_type}
+        inv_freq, scaling = init(self.config, None, **extra)
         if 2 * inv_freq.numel() != dim:
             raise DraftConfigError(_PARTIAL_ROTARY)
         return inv_freq.float(), float(scaling)

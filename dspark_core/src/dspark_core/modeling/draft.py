@@ -1,10 +1,12 @@
 """``DSparkDraftModel``: everything a DSpark draft does except its backbone layers.
 
 A family subclasses it and supplies the layers (attention from the block to ``[context ; block]``),
-the norm class and ``config_from_target``. The base owns the frozen target embeddings and
-``lm_head`` (or, with a reduced vocabulary, its own trainable ``lm_head [K, H]`` and the ``d2t``
-map from draft ids to target ids), the context projection (``fc`` + ``hidden_norm``), the Markov
-and confidence heads, the training forward (anchors, masks, objective) and the decode-time block proposal.
+the norm class and ``config_from_target``; it may also replace the embedding (``make_embedding``, e.g.
+a scaled one) and the rotary embedding (``make_rotary``). The base owns the frozen target embeddings
+and ``lm_head`` (with the config's ``final_logit_softcapping`` when set; with a reduced vocabulary,
+its own trainable ``lm_head [K, H]`` and the ``d2t`` map from draft ids to target ids), the context
+projection (``fc`` + ``hidden_norm``), the Markov and confidence heads, the training forward
+(anchors, masks, objective) and the decode-time block proposal.
 """
 
 from __future__ import annotations
@@ -236,10 +238,10 @@ class DSparkDraftModel(PreTrainedModel):
         hidden, vocab = config.hidden_size, config.vocab_size
         draft_vocab = draft_vocab_size_of(config)
         num_features = len(config.target_layer_ids)
-        self.embed_tokens = nn.Embedding(vocab, hidden)
+        self.embed_tokens = self.make_embedding(config)
         self.layers = self.build_layers(config)
         self.norm = self.make_norm(config)
-        self.rotary_emb = RotaryEmbedding(config)
+        self.rotary_emb = self.make_rotary(config)
         self.fc = nn.Linear(num_features * hidden, hidden, bias=False)
         self.hidden_norm = self.make_norm(config)
         self.lm_head = nn.Linear(hidden, draft_vocab, bias=False)
@@ -267,6 +269,17 @@ class DSparkDraftModel(PreTrainedModel):
 
     def make_norm(self, config: PretrainedConfig) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must implement make_norm(config)")
+
+    def make_embedding(self, config: PretrainedConfig) -> nn.Embedding:
+        """The token embedding, ``[vocab_size, hidden_size]`` under the key ``embed_tokens.weight``
+        (a family whose target scales its embeddings returns an ``nn.Embedding`` subclass)."""
+        return nn.Embedding(config.vocab_size, config.hidden_size)
+
+    def make_rotary(self, config: PretrainedConfig) -> nn.Module:
+        """The rotary embedding: ``rotary(position_ids [b, T], dtype) -> (cos, sin)``, each
+        ``[b, T, head_dim]`` (a family whose draft layers use another head size or per-layer-type
+        rope parameters returns ``RotaryEmbedding(config, layer_type=..., head_dim=...)``)."""
+        return RotaryEmbedding(config)
 
     @classmethod
     def config_from_target(cls, target_config: PretrainedConfig, **options: Any) -> PretrainedConfig:
@@ -638,9 +651,23 @@ class DSparkDraftModel(PreTrainedModel):
         )
         return hidden.reshape(batch, num_anchors, block_size, -1)
 
-    def block_logits(self, hidden: Tensor, latent: Tensor | None) -> Tensor:
-        """``lm_head(h) + markov_w2(m)`` in float32."""
+    @property
+    def logit_softcap(self) -> float | None:
+        """The config's ``final_logit_softcapping`` (Gemma): base logits become ``c * tanh(z / c)``."""
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        return None if cap is None else float(cap)
+
+    def base_logits(self, hidden: Tensor) -> Tensor:
+        """``lm_head(h)`` in float32, soft-capped when the config says so (before any Markov term)."""
         logits: Tensor = self.lm_head(hidden).float()
+        cap = self.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def block_logits(self, hidden: Tensor, latent: Tensor | None) -> Tensor:
+        """``base_logits(h) + markov_w2(m)`` in float32."""
+        logits = self.base_logits(hidden)
         if latent is not None and self.markov_head is not None:
             logits = logits + self.markov_head.correction(latent).float()
         return logits
@@ -763,7 +790,7 @@ class DSparkDraftModel(PreTrainedModel):
             tokens, probs, logits = self.markov_head.sample_block(
                 hidden,
                 anchor_tokens,
-                self.lm_head,
+                self.base_logits,
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,

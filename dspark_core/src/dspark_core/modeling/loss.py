@@ -2,7 +2,9 @@
 
 The draft's logits are linear in a concatenated feature, ``z = h @ W_lm^T + m @ W_2^T`` (``h`` the
 draft's final hidden state, ``m`` the Markov latent, ``W_lm`` the frozen ``lm_head`` weight and
-``W_2`` the ``markov_w2`` weight), and the teacher's are ``t @ W_lm^T``. The objective therefore
+``W_2`` the ``markov_w2`` weight), and the teacher's are ``t @ W_lm^T``. With a soft cap ``c`` (the
+config's ``final_logit_softcapping``, Gemma) the ``lm_head`` part of both becomes
+``c * tanh(h @ W_lm^T / c)`` and the Markov term is added after it. The objective therefore
 takes hidden states and weights, never ``[tokens, V]`` logits: it gathers the supervised tokens,
 then builds the logits chunk by chunk and differentiates them analytically in a custom autograd
 function, so that neither the forward nor the backward pass holds more than one chunk's
@@ -108,6 +110,7 @@ def dspark_objective(
     all_reduce: bool | None = None,
     teacher_lm_head_weight: Tensor | None = None,
     draft_token_ids: Tensor | None = None,
+    logit_softcap: float | None = None,
 ) -> DSparkObjectiveOutput:
     """Compute the DSpark objective over ``M`` blocks of ``B`` slots.
 
@@ -115,7 +118,8 @@ def dspark_objective(
     (with ``markov_w2_weight`` ``[V, r]``; both ``None`` without a Markov head), ``lm_head_weight``
     ``[V, H]``, ``labels`` ``[M, B]`` integer, ``eval_mask`` ``[M, B]`` bool, ``confidence_logits``
     ``[M, B]`` or ``None``. Labels are read only where ``eval_mask`` is true and must lie in ``[0, V)``
-    there. ``teacher_hidden`` is detached.
+    there. ``teacher_hidden`` is detached. ``logit_softcap`` soft-caps the ``lm_head`` logits of draft
+    and teacher alike (``None``: no cap).
 
     Reduced vocabulary: ``lm_head_weight`` is the draft's ``[K, H]``, ``teacher_lm_head_weight`` the
     target's ``[V, H]`` and ``draft_token_ids`` ``[K]`` the target id of each draft id (both or neither);
@@ -151,7 +155,7 @@ def dspark_objective(
     )  # fmt: skip
     numerators, alpha, conf_prob = _slot_terms(
         slots, lm_head_weight, markov_w2_weight, confidence_logits, config, compute_dtype,
-        teacher_head=teacher_head, draft_token_ids=draft_token_ids,
+        teacher_head=teacher_head, draft_token_ids=draft_token_ids, logit_softcap=logit_softcap,
     )  # fmt: skip
 
     # Everything that crosses ranks goes in one float64 vector and one all_reduce.
@@ -229,6 +233,7 @@ def _slot_terms(
     *,
     teacher_head: Tensor,
     draft_token_ids: Tensor | None,
+    logit_softcap: float | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor | None]:
     """The weighted CE, L1 and confidence sums over the supervised slots, each slot's acceptance
     ``alpha`` and the confidence head's probabilities (``None`` without the head)."""
@@ -240,7 +245,7 @@ def _slot_terms(
         # torch types Function.apply as untyped; _VocabTerms.forward documents the signature.
         ce_tok, dist_tok = _VocabTerms.apply(  # type: ignore[no-untyped-call]
             slots.hidden, slots.latent, slots.teacher, slots.targets, lm_head_weight, markov_w2_weight,
-            chunk, compute_dtype, teacher_head, draft_token_ids,
+            chunk, compute_dtype, teacher_head, draft_token_ids, logit_softcap,
         )  # fmt: skip
     alpha = (1.0 - dist_tok.detach() / 2.0).clamp(0.0, 1.0)
 
@@ -336,6 +341,7 @@ class DSparkObjective:
             all_reduce=self.all_reduce,
             teacher_lm_head_weight=None if draft_ids is None else self.teacher_lm_head,
             draft_token_ids=draft_ids,
+            logit_softcap=draft.logit_softcap,
         )
 
 
@@ -434,13 +440,26 @@ def _check_inputs(
 
 
 def _draft_logits(
-    hidden: Tensor, latent: Tensor | None, lm_head: Tensor, w2: Tensor | None, dtype: torch.dtype
+    hidden: Tensor,
+    latent: Tensor | None,
+    lm_head: Tensor,
+    w2: Tensor | None,
+    dtype: torch.dtype,
+    cap: float | None = None,
 ) -> Tensor:
-    """``[h ; m] @ [W_lm | W_2]^T`` for one chunk, in ``dtype`` (weights already cast)."""
-    logits = hidden.to(dtype) @ lm_head.T
+    """``[h ; m] @ [W_lm | W_2]^T`` for one chunk, in ``dtype`` (weights already cast); with ``cap``,
+    ``softcap(h @ W_lm^T) + m @ W_2^T``."""
+    logits = _softcap_(hidden.to(dtype) @ lm_head.T, cap)
     if latent is not None and w2 is not None:
         logits.addmm_(latent.to(dtype), w2.T)
     return logits
+
+
+def _softcap_(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)`` in place; unchanged without a cap."""
+    if cap is None:
+        return logits
+    return logits.div_(cap).tanh_().mul_(cap)
 
 
 def _softmax_(logits: Tensor) -> Tensor:
@@ -448,10 +467,12 @@ def _softmax_(logits: Tensor) -> Tensor:
     return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_()
 
 
-def _teacher_probs(teacher: Tensor, head: Tensor, draft_ids: Tensor | None, dtype: torch.dtype) -> Tensor:
+def _teacher_probs(
+    teacher: Tensor, head: Tensor, draft_ids: Tensor | None, dtype: torch.dtype, cap: float | None
+) -> Tensor:
     """The teacher's probabilities of the draft's tokens: all of them, or (reduced vocabulary) the
-    ``K`` columns of the target's full distribution, not renormalised."""
-    probs = _softmax_(teacher.to(dtype) @ head.T)
+    ``K`` columns of the target's full distribution, not renormalised; soft-capped like the target."""
+    probs = _softmax_(_softcap_(teacher.to(dtype) @ head.T, cap))
     return probs if draft_ids is None else probs.index_select(1, draft_ids)
 
 
@@ -476,11 +497,13 @@ class _VocabTerms(torch.autograd.Function):
         dtype: torch.dtype,
         teacher_head: Tensor,
         draft_ids: Tensor | None,
+        cap: float | None = None,
     ) -> tuple[Tensor, Tensor]:
         # targets are draft ids; -1 (reduced vocabulary only) marks a label the draft cannot propose.
         ctx.save_for_backward(hidden, latent, teacher, targets, lm_head, w2, teacher_head, draft_ids)
         ctx.chunk = chunk
         ctx.dtype = dtype
+        ctx.cap = cap
         num_tokens = hidden.shape[0]
         ce = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
         distance = torch.empty(num_tokens, dtype=dtype, device=hidden.device)
@@ -491,14 +514,14 @@ class _VocabTerms(torch.autograd.Function):
         for start in range(0, num_tokens, chunk):
             rows = slice(start, start + chunk)
             logits = _draft_logits(
-                hidden[rows], latent[rows] if latent is not None else None, lm_head_c, w2_c, dtype
+                hidden[rows], latent[rows] if latent is not None else None, lm_head_c, w2_c, dtype, cap
             )
             log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
             labels = targets[rows]
             label_logits = logits.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
             ce[rows] = torch.where(labels >= 0, log_norm.squeeze(1) - label_logits, 0.0)
             probs = logits.sub_(log_norm).exp_()
-            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype)
+            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype, cap)
             # The teacher's mass outside the draft's tokens (0 for a full vocabulary) is part of the L1.
             outside = (1.0 - teacher_probs.sum(dim=-1)).clamp_min(0.0) if draft_ids is not None else 0.0
             distance[rows] = probs.sub_(teacher_probs).abs_().sum(dim=-1) + outside
@@ -518,6 +541,7 @@ class _VocabTerms(torch.autograd.Function):
         chunk: int = ctx.chunk
         dtype: torch.dtype = ctx.dtype
         teacher_head_c = teacher_head.to(dtype)
+        cap: float | None = ctx.cap
         lm_head_c = lm_head.to(dtype)
         w2_c = w2.to(dtype) if w2 is not None else None
         grad_ce = grad_ce.to(dtype)
@@ -530,9 +554,11 @@ class _VocabTerms(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             latent_rows = latent[rows].to(dtype) if latent is not None else None
-            probs = _softmax_(_draft_logits(hidden[rows], latent_rows, lm_head_c, w2_c, dtype))
+            # With a cap, d(capped)/d(raw) = 1 - (capped / cap)^2 scales the lm_head part's gradient.
+            capped = _softcap_(hidden[rows].to(dtype) @ lm_head_c.T, cap) if cap is not None else None
+            probs = _softmax_(_draft_logits(hidden[rows], latent_rows, lm_head_c, w2_c, dtype, cap))
             # The teacher buffer becomes s = sign(p - q), then the logits gradient.
-            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype)
+            teacher_probs = _teacher_probs(teacher[rows], teacher_head_c, draft_ids, dtype, cap)
             grad_logits = teacher_probs.neg_().add_(probs).sign_()
             s_dot_p = torch.linalg.vecdot(grad_logits, probs)
             labels = targets[rows, None]
@@ -541,12 +567,16 @@ class _VocabTerms(torch.autograd.Function):
             grad_logits.sub_(s_dot_p[:, None]).mul_(grad_distance[rows, None]).add_(gce).mul_(probs)
             grad_logits.scatter_add_(1, labels.clamp_min(0), -gce)
             del probs
-            if grad_hidden is not None:
-                grad_hidden[rows] = grad_logits @ lm_head_c
             if grad_latent is not None and w2_c is not None:
                 grad_latent[rows] = grad_logits @ w2_c
             if grad_w2 is not None and latent_rows is not None:
                 grad_w2.addmm_(grad_logits.T, latent_rows)
+            if capped is not None and cap is not None:
+                # From here on, the gradient of the raw lm_head logits.
+                grad_logits.mul_(capped.div_(cap).square_().neg_().add_(1.0))
+                del capped
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ lm_head_c
             if grad_lm_head is not None:
                 grad_lm_head.addmm_(grad_logits.T, hidden[rows].to(dtype))
 
@@ -560,6 +590,7 @@ class _VocabTerms(torch.autograd.Function):
             None,
             cast(grad_lm_head, lm_head),
             cast(grad_w2, w2),
+            None,
             None,
             None,
             None,

@@ -14,7 +14,7 @@ Heads compute in their own parameter dtype: ``hidden`` is cast to it on entry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar, Final
 
 import torch
@@ -112,7 +112,7 @@ class MarkovHead(nn.Module):
         self,
         hidden: Tensor,
         first_token: Tensor,
-        lm_head: nn.Module,
+        lm_head: Callable[[Tensor], Tensor],
         *,
         temperature: float = 0.0,
         top_k: int | None = None,
@@ -128,7 +128,8 @@ class MarkovHead(nn.Module):
         Args:
             hidden: ``[..., B, H]`` draft hidden states of the block's slots.
             first_token: ``[...]`` the anchor token (the block's slot-0 input).
-            lm_head: maps ``[..., H]`` to ``[..., V]`` base logits (``V`` the draft vocabulary).
+            lm_head: maps ``[..., H]`` to ``[..., V]`` base logits (``V`` the draft vocabulary; the draft's
+                ``base_logits``, which soft-caps them when the config has ``final_logit_softcapping``).
             temperature, top_k, top_p: the filter of :func:`~dspark_core.modeling.sampling.filtered_probs`;
                 temperature 0 is greedy.
             generator: the RNG for sampling (unused when greedy).
