@@ -286,7 +286,8 @@ def test_a_draft_of_another_family_is_served_by_no_engine(
     got = verdicts(payload)
     for name in ENGINE_NAMES:
         assert refusing_rules(got[name]) == ["architectures"]
-        assert "['LlamaDSparkModel'] names none of ['Qwen3DSparkModel']" in got[name]["reasons"][0]
+        reason = got[name]["reasons"][0]
+        assert "['LlamaDSparkModel'] names none of [" in reason and "'Qwen3DSparkModel'" in reason
     assert "config.architectures[0]" in got["DeepSpec"]["reasons"][0]  # it reads the first name only
 
 
@@ -388,9 +389,14 @@ def test_every_rule_cites_a_release_file_and_line_and_covers_its_range() -> None
             releases = [Release.parse(f"0.5.{patch}") for patch in range(16, 24)]
         else:
             releases = [Release.parse("main")]
-        names = {item.name for item in engine.rules}
+        # A release with no loader for the block's drafts (vLLM 0.25 and Gemma 4) has that one reading.
+        absent = {item.name for item in engine.rules if item.kind == "no_loader"}
+        names = {item.name for item in engine.rules} - absent
         for release in releases:
             readings = [item.name for item in engine.rules_for(release)]
+            if absent & set(readings):
+                assert readings == sorted(absent), (engine.name, str(release))
+                continue
             assert sorted(readings) == sorted(names), (engine.name, str(release))
     assert str(engine_release("vllm")) == "0.34" and str(engine_release("sglang", "0.5.16")) == "0.5.16"
 

@@ -725,8 +725,8 @@ DEEPSPEC_GEMMA4 = Engine(
             "config-keys",
             "config_keys",
             DEEPSPEC_CONFIG_KEYS,
-            "the Gemma 4 draft reads the same DSpark fields as the Qwen3 one, each asserted present",
-            f"{_DS_GEMMA4}/modeling.py; {_DS_MODEL}:207-224",
+            "Gemma4DSparkModel asserts each key is present, with no default",
+            f"{_DS_GEMMA4}/modeling.py:250-268",
         ),
         Rule(
             "markov-head-types",
@@ -747,7 +747,7 @@ DEEPSPEC_GEMMA4 = Engine(
             "confidence_head",
             None,
             "loads a confidence head with or without Markov features",
-            f"{_DS_GEMMA4}/modeling.py",
+            f"{_DS_GEMMA4}/modeling.py:305-318",
         ),
         Rule(
             "embedding-layer",
@@ -775,7 +775,7 @@ DEEPSPEC_GEMMA4 = Engine(
             "reduced_vocabulary",
             False,
             "DeepSpec's draft always has a full-vocabulary lm_head",
-            f"{_DS_GEMMA4}/modeling.py",
+            f"{_DS_GEMMA4}/modeling.py:298",
         ),
     ),
 )
@@ -800,7 +800,7 @@ VLLM_GEMMA4 = Engine(
             "no_loader",
             None,
             "0.25.0 ships no gemma4_dspark.py and its registry has no Gemma4DSparkModel",
-            f"{_V25}/model_executor/models/ (no gemma4_dspark.py)",
+            f"{_V25}/model_executor/models/registry.py:596-597 (DSpark entries: no Gemma4DSparkModel)",
             until="0.25",
         ),
         Rule(
@@ -841,9 +841,8 @@ VLLM_GEMMA4 = Engine(
             "last_layer",
             False,
             "captured before the final norm, so features differ from HF-trained drafts",
-            f"{_V34}/model_executor/models/gemma4.py (aux hidden states)",
+            f"{_V34}/model_executor/models/gemma4.py:1379,1398-1400,1409-1413",
             since="0.26",
-            unverified="read from the Qwen3 path's capture; the Gemma 4 target's capture was not traced",
         ),
         Rule(
             "config-keys",
