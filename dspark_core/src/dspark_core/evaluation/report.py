@@ -33,6 +33,7 @@ class RequestOutcome:
     prompt_tokens: int
     new_tokens: int
     target_forwards: int
+    token_ids: tuple[int, ...]
     #: Whether plain decoding produced the same tokens (``None`` without a baseline).
     identical: bool | None
 
@@ -153,6 +154,7 @@ class EvalReport:
                     "rounds": len(r.rounds.committed),
                     "tau": _finite(figures.tau_pooled([r.rounds])),
                     "identical": r.identical,
+                    "token_ids": list(r.token_ids),
                 }
                 for r in self.requests
             ],

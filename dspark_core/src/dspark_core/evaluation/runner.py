@@ -247,6 +247,7 @@ def _outcome(
         prompt_tokens=metrics.prompt_tokens,
         new_tokens=metrics.new_tokens,
         target_forwards=metrics.target_forwards,
+        token_ids=tuple(result.new_tokens),
         identical=None if plain_tokens is None else plain_tokens == result.new_tokens,
     )
 
