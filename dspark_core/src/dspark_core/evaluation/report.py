@@ -161,8 +161,9 @@ class EvalReport:
         }
 
     def table_lines(self) -> list[str]:
-        """One Table-1-style block per temperature (datasets as columns), then the definitions in short."""
-        columns = [*self.datasets, OVERALL]
+        """One Table-1-style block per temperature (datasets as columns, and :data:`OVERALL` when there are
+        several), then the definitions in short."""
+        columns = self.datasets if len(self.datasets) == 1 else [*self.datasets, OVERALL]
         lines: list[str] = []
         s = self.settings
         for temperature in self.temperatures:

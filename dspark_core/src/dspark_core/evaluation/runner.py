@@ -54,7 +54,7 @@ class EvalSettings:
 
 def load_models(
     target_dir: str, draft_dir: str, *, device: torch.device, dtype: torch.dtype
-) -> tuple[nn.Module, nn.Module, Any]:
+) -> tuple[Any, Any, Any]:
     """The target (eval mode), its draft and its tokenizer (``None`` when the folder has none)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
