@@ -129,3 +129,21 @@ def test_pretokenised_prompts_and_the_plot(
     (request,) = json.loads(out)["requests"]
     assert request["prompt_tokens"] == 3
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_on_prompts_reports_the_named_figures(pair: tuple[Path, Path]) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dspark_core.decoding.compare import compare_on_prompts
+    from dspark_core.loading import load_draft
+
+    target = AutoModelForCausalLM.from_pretrained(pair[0]).eval()
+    draft = load_draft(pair[1], target)
+    prompts = [torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])]
+    with torch.inference_mode():
+        result = compare_on_prompts(target, draft, prompts, max_new_tokens=6)
+    figures = result.as_dict()
+    assert figures["identical"] == 2 and figures["tau_pooled"] >= 1.0 and figures["speedup_pooled"] > 0
+    assert figures["speedup_min"] <= figures["speedup_median"] <= figures["speedup_max"]
+    assert any("speedup_pooled" in line and "speedup_median" in line for line in result.summary_lines())
