@@ -138,7 +138,12 @@ class RaggedKVCache:
 
 
 def layer_masks(
-    starts: Tensor, tokens: int, width: int, layer_types: Sequence[str], window: int | None, dtype: torch.dtype
+    starts: Tensor,
+    tokens: int,
+    width: int,
+    layer_types: Sequence[str],
+    window: int | None,
+    dtype: torch.dtype,
 ) -> Tensor | dict[str, Tensor]:
     """Additive masks ``[b, 1, tokens, width]``: row ``i``'s query ``j`` sits at position
     ``starts[i] + j`` and sees keys at positions ``<= `` it, and on sliding layers only the last

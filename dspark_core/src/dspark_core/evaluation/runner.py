@@ -76,37 +76,18 @@ def _decode_batch(
     target: nn.Module, draft: nn.Module | None, prompts: list[list[int]], options: dict[str, Any]
 ) -> tuple[list[GenerationResult], float]:
     """One batch by one method (plain when ``draft`` is None), and its wall time."""
+    from dspark_core.decoding.batched import plain_generate_batch, speculative_generate_batch
+
     device = next(target.parameters()).device
     synchronize(device)
     started = time.perf_counter()
     if draft is None:
         plain = {k: v for k, v in options.items() if k not in ("schedule", "check_fit")}
-        results = _plain_batch(target, prompts, **plain)
+        results = plain_generate_batch(target, prompts, **plain)
     else:
-        results = _speculative_batch(target, draft, prompts, **options)
+        results = speculative_generate_batch(target, draft, prompts, **options)
     synchronize(device)
     return results, time.perf_counter() - started
-
-
-def _speculative_batch(target: nn.Module, draft: nn.Module, prompts: list[list[int]], **options: Any) -> Any:
-    # TEMPORARY until the batched decoder (contract 1) is merged: one prompt at a time.
-    try:
-        from dspark_core.decoding.batched import speculative_generate_batch
-    except ImportError:
-        from dspark_core.decoding import speculative_generate
-
-        return [speculative_generate(target, draft, torch.tensor([p]), **options) for p in prompts]
-    return speculative_generate_batch(target, draft, prompts, **options)
-
-
-def _plain_batch(target: nn.Module, prompts: list[list[int]], **options: Any) -> Any:
-    try:
-        from dspark_core.decoding.batched import plain_generate_batch
-    except ImportError:
-        from dspark_core.decoding import plain_generate
-
-        return [plain_generate(target, torch.tensor([p]), **options) for p in prompts]
-    return plain_generate_batch(target, prompts, **options)
 
 
 class _Dialogue:
