@@ -120,6 +120,7 @@ def test_rows_stop_at_eos_inside_accepted_blocks_and_leave_the_batch(head: str) 
                 if offset + 1 < record.accepted and generated.index(token) == position + offset:
                     candidates[token] += 1
             position += len(record.committed)
+
     def stop_round(result: Any, token: int) -> int | None:
         """The round in which ``token`` first appears (-1: the prefill), ``None`` if never."""
         if token not in result.new_tokens:
@@ -168,7 +169,9 @@ def test_batch_of_one_is_speculative_generate() -> None:
     draft = make_draft(target, head="rnn", block_size=4, seed=11)
     prompt = ragged_prompts([7], 32, seed=1)[0]
     alone = speculative_generate(target, draft, prompt.unsqueeze(0), max_new_tokens=17, eos_token_id=[])
-    (batched,) = speculative_generate_batch(target, draft, [prompt.tolist()], max_new_tokens=17, eos_token_id=[])
+    (batched,) = speculative_generate_batch(
+        target, draft, [prompt.tolist()], max_new_tokens=17, eos_token_id=[]
+    )
     assert tokens(alone) == tokens(batched)
     assert alone.rounds == batched.rounds
     assert all(len(r.confidence_logits) == r.drafted for r in alone.rounds)
@@ -201,7 +204,13 @@ def test_batched_sampling_matches_the_target_distribution_per_row() -> None:
     rejected_first = [0] * len(prompts)
     for seed in range(runs):
         results = speculative_generate_batch(
-            target, draft, prompts, max_new_tokens=4, temperature=1.0, seed=seed, eos_token_id=[],
+            target,
+            draft,
+            prompts,
+            max_new_tokens=4,
+            temperature=1.0,
+            seed=seed,
+            eos_token_id=[],
             check_fit=seed == 0,
         )
         for row, result in enumerate(results):
@@ -319,7 +328,9 @@ def test_sliding_window_targets_decode_past_the_window(kind: str, head: str) -> 
         # HF's generate with its own sliding-window cache is the reference, far past the window.
         reference = hf_greedy(target, ids, 24)
         assert tokens(result) == reference
-        assert tokens(speculative_generate(target, draft, ids, max_new_tokens=24, eos_token_id=[])) == reference
+        assert (
+            tokens(speculative_generate(target, draft, ids, max_new_tokens=24, eos_token_id=[])) == reference
+        )
         assert tokens(plain_generate(target, ids, max_new_tokens=24, eos_token_id=[])) == reference
     assert any(r.accepted < r.proposed for r in records), "no rejection: the cut-back was not exercised"
 

@@ -150,3 +150,15 @@ def test_a_bad_row_is_named_by_file_and_line(tmp_path: Path, row: object, messag
         read_dataset(path)
     text = str(caught.value)
     assert text.startswith(f"{path}:2: ") and message in text and "\n" not in text
+
+
+def test_the_figures_and_the_report_import_no_torch() -> None:
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, dspark_core.decoding.figures, dspark_core.evaluation.report, dspark_core.cli.eval\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

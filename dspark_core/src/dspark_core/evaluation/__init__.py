@@ -2,7 +2,7 @@
 
 | module | job |
 |---|---|
-| ``datasets`` | DeepSpec benchmark files, chat JSONL and pre-tokenised rows as conversations (torch-free) |
+| ``datasets`` | DeepSpec benchmark files, chat JSONL and pre-tokenised rows as conversations |
 | ``runner`` | ``evaluate``: every dataset at every temperature, in batches, plain decoding interleaved |
 | ``report`` | ``EvalReport``: figures per dataset and overall, the Table-1-style table, JSON, plot |
 

@@ -1,6 +1,6 @@
 """Evaluation prompt sets read from files: DeepSpec benchmark files, chat JSONL and pre-tokenised rows.
 
-Torch-free. One file is one dataset, named after the file. A line is one conversation, whose turns
+One file is one dataset, named after the file. A line is one conversation, whose turns
 are what the model is asked, in order; without ``--all-turns`` only the first turn is decoded, as
 DeepSpec's evaluator does. Formats, chosen per line by the key the row has:
 
