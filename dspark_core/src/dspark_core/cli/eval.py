@@ -129,6 +129,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict(), indent=2))
         return 0
     print("\n".join(report.table_lines()))
+    if args.baseline and 0.0 in settings.temperatures and dtype != torch.float32:
+        print(
+            f"note: in {str(dtype).removeprefix('torch.')} greedy outputs may differ from plain decoding at "
+            "near-ties (the chunked verify and one-token forwards round differently); --dtype fp32 is exact"
+        )
     if args.plot is not None:
         print(f"acceptance plot written to {args.plot}")
     return 0
