@@ -70,25 +70,40 @@ class BatchTrace:
 
 @pytest.mark.parametrize("head", [None, *HEAD_TYPES])
 @pytest.mark.parametrize("schedule", SCHEDULES, ids=lambda s: s.describe())
-def test_batched_greedy_equals_per_row_plain(head: str | None, schedule: ConfidenceSchedule) -> None:
+@pytest.mark.parametrize("max_batch_size", [None, 2], ids=["all-at-once", "joining"])
+def test_batched_greedy_equals_per_row_plain(
+    head: str | None, schedule: ConfidenceSchedule, max_batch_size: int | None
+) -> None:
     target = make_target(seed=3)
     draft = make_draft(target, head=head, block_size=4, seed=11)
     prompts = ragged_prompts([3, 11, 1, 7, 5], 32, seed=4)
     records: list[tuple[int, RoundRecord]] = []
+    trace = BatchTrace(target)
     batch = speculative_generate_batch(
         target,
         draft,
         prompts,
-        max_new_tokens=20,
+        max_new_tokens=20 if max_batch_size is None else 5 + max_batch_size * 3,
         schedule=schedule,
         eos_token_id=[],
         on_round=lambda row, record: records.append((row, record)),
+        max_batch_size=max_batch_size,
     )
-    expected = plain_rows(target, prompts, 20, eos_token_id=[])
+    trace.handle.remove()
+    budget = batch[0].metrics.new_tokens
+    expected = plain_rows(target, prompts, budget, eos_token_id=[])
     assert [tokens(r) for r in batch] == expected
-    assert [tokens(r) for r in plain_generate_batch(target, prompts, max_new_tokens=20, eos_token_id=[])] == (
-        expected
+    plain = plain_generate_batch(
+        target, prompts, max_new_tokens=budget, eos_token_id=[], max_batch_size=max_batch_size
     )
+    assert [tokens(r) for r in plain] == expected
+    if max_batch_size is not None:
+        # Prompts joined a running batch (a prefill after the first verify round), never past the cap.
+        sizes = [shape[0] for shape in trace.shapes]
+        assert max(sizes) == max_batch_size
+        first_round = next(i for i, shape in enumerate(trace.shapes) if i > 0 and shape[1] <= 5)
+        assert any(shape[1] > 5 for shape in trace.shapes[first_round:])
+        return
     assert tokens(batch[0]) == hf_greedy(target, prompts[0].unsqueeze(0), 20)
     rejected = sum(r.proposed - r.accepted for _, r in records)
     assert rejected > 0, "an untrained draft should see rejections; this run did not test them"
@@ -105,7 +120,10 @@ def test_batched_greedy_equals_per_row_plain(head: str | None, schedule: Confide
 
 
 @pytest.mark.parametrize("head", HEAD_TYPES)
-def test_rows_stop_at_eos_inside_accepted_blocks_and_leave_the_batch(head: str) -> None:
+@pytest.mark.parametrize("max_batch_size", [None, 3], ids=["all-at-once", "joining"])
+def test_rows_stop_at_eos_inside_accepted_blocks_and_leave_the_batch(
+    head: str, max_batch_size: int | None
+) -> None:
     target = make_target(seed=8, bigram=True)
     draft = make_oracle(target, head=head, block_size=5)
     prompts = ragged_prompts([4, 9, 2, 6, 13, 3], 32, seed=5)
@@ -137,7 +155,9 @@ def test_rows_stop_at_eos_inside_accepted_blocks_and_leave_the_batch(head: str) 
     assert len({stop_round(r, eos) for r in free}) >= 2, "rows would all stop together; pick other seeds"
 
     trace = BatchTrace(target)
-    stopped = speculative_generate_batch(target, draft, prompts, max_new_tokens=30, eos_token_id=eos)
+    stopped = speculative_generate_batch(
+        target, draft, prompts, max_new_tokens=30, eos_token_id=eos, max_batch_size=max_batch_size
+    )
     trace.handle.remove()
     assert [tokens(r) for r in stopped] == plain_rows(target, prompts, 30, eos_token_id=eos)
     for result, whole in zip(stopped, free, strict=True):
@@ -145,8 +165,11 @@ def test_rows_stop_at_eos_inside_accepted_blocks_and_leave_the_batch(head: str) 
         expected = cut[: cut.index(eos) + 1] if eos in cut else cut
         assert result.new_tokens == expected
         assert result.metrics.stop_reason == ("eos" if eos in cut else "max_new_tokens")
-    # Finished rows leave the batch: the target's batch size only shrinks, and it does shrink.
     sizes = [shape[0] for shape in trace.shapes]
+    if max_batch_size is not None:
+        assert max(sizes) == max_batch_size and len(sizes) > len(free[0].rounds) + 1
+        return
+    # Finished rows leave the batch: the target's batch size only shrinks, and it does shrink.
     assert sizes[0] == len(prompts) and sizes == sorted(sizes, reverse=True) and sizes[-1] < len(prompts)
     assert sum(sizes[1:]) == sum(r.metrics.rounds for r in stopped)
 
@@ -346,3 +369,27 @@ def test_unsupported_layer_types_are_refused_in_one_line() -> None:
     target.config._attn_implementation = "flash_attention_2"
     with pytest.raises(DraftConfigError, match="attn_implementation='flash_attention_2'"):
         plain_generate(target, torch.tensor([1, 2, 3]), max_new_tokens=4)
+
+
+# -- dspark doctor's tiny decode -----------------------------------------------------------------
+
+
+def test_doctor_decodes_a_mistral_style_target_and_catches_a_cache_not_cut_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dspark_core import doctor
+    from dspark_core.decoding.target import CachedTarget
+
+    target = sliding_mistral()
+    draft = sliding_draft(target, "vanilla")
+    assert doctor._speculative_decode(target, draft) == f"sliding window {WINDOW}, every layer"
+    # Sanity for the check: a target cache that keeps the rejected tail gives tokens the target
+    # would not choose, and the doctor says so.
+    commit = CachedTarget.commit
+
+    def keep_everything(self: CachedTarget, lengths: Tensor) -> None:
+        commit(self, self.cache._index[:, -1] + 1 if self.cache._index is not None else lengths)
+
+    monkeypatch.setattr(CachedTarget, "commit", keep_everything)
+    with pytest.raises(doctor._CheckFailed, match="below the target's argmax"):
+        doctor._speculative_decode(target, draft)

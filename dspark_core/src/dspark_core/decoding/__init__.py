@@ -2,7 +2,7 @@
 
 | module | job |
 |---|---|
-| ``batched`` | the two loops over a batch of prompts, ``speculative_generate_batch`` and ``plain_generate_batch`` |
+| ``batched`` | the loops over a batch of prompts: ``speculative_generate_batch``, ``plain_generate_batch`` |
 | ``speculative`` | ``speculative_generate`` and ``plain_generate``: a batch of one |
 | ``schedule`` | confidence schedules, one registered class each (torch-free) |
 | ``metrics`` | per-round records, per-generation metrics, their combination |

@@ -12,7 +12,8 @@ Every row of the batch runs the batch-1 algorithm on its own; only the forwards 
    with the residual ``norm(max(p - q, 0))`` and a bonus token from ``p_l``);
 5. each row's target cache is cut back to its committed length, and its accepted rows' features
    become its next context rows. Rows that reach EOS or their budget leave the batch, so they stop
-   costing target and draft compute.
+   costing target and draft compute, and waiting prompts (beyond ``max_batch_size``) join it:
+   prefilled together in their own forward, their cache rows appended to the running ones.
 
 A row never drafts past its ``max_new_tokens``; a row with one token of budget left verifies its
 anchor alone. ``p`` and ``q`` both come from :func:`~dspark_core.modeling.sampling.filtered_probs`
@@ -155,7 +156,8 @@ class _Row:
 class _Batch:
     """The rows still decoding, the target behind its ragged cache, sampling and stop rules."""
 
-    rows: list[_Row]
+    waiting: list[_Row]
+    max_rows: int
     runner: CachedTarget
     greedy: bool
     eos: frozenset[int]
@@ -163,6 +165,7 @@ class _Batch:
     rng: torch.Generator | None
     max_new_tokens: int
     started: float
+    rows: list[_Row] = field(default_factory=list)
     finished: list[_Row] = field(default_factory=list)
 
     def sample(self, logits: Tensor) -> list[int]:
@@ -172,27 +175,37 @@ class _Batch:
         probs = filtered_probs(logits, **self.sampling)
         return [sample_token(probs[i], self.rng, False) for i in range(probs.shape[0])]
 
-    def feed(self, tokens: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        logits, features = self.runner.feed(tokens, keep=keep)
-        share = self.runner.last_seconds / len(self.rows)
-        for row in self.rows:
-            row.target_s += share
-            row.target_forwards += 1
+    def feed(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        logits, features = self.runner.feed(tokens)
+        self._share(self.rows, self.runner.last_seconds)
         return logits, features
 
-    def prefill(self) -> Tensor | None:
-        """Every prompt through the target (right-padded), each row's first token sampled; returns the
-        prompts' features ``[n, max P, L*H]``."""
-        lengths = torch.tensor([row.prompt.shape[0] for row in self.rows], device=self.runner.device)
-        padded = torch.zeros(len(self.rows), int(lengths.max()), dtype=torch.long, device=self.runner.device)
-        for i, row in enumerate(self.rows):
-            padded[i, : row.prompt.shape[0]] = row.prompt.to(self.runner.device)
-        logits, features = self.feed(padded, keep=lengths - 1)
-        self.runner.commit(lengths)
-        for row, token in zip(self.rows, self.sample(logits), strict=True):
+    @staticmethod
+    def _share(rows: list[_Row], seconds: float) -> None:
+        for row in rows:
+            row.target_s += seconds / len(rows)
+            row.target_forwards += 1
+
+    def admit(self) -> tuple[Tensor | None, Tensor] | None:
+        """Waiting prompts join while there is room (right-padded, prefilled in one forward), each
+        sampling its first token. Returns their features ``[m, max P, L*H]`` and lengths, or
+        ``None`` when nobody joined."""
+        room = self.max_rows - len(self.rows)
+        if room <= 0 or not self.waiting:
+            return None
+        joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        device = self.runner.device
+        lengths = torch.tensor([row.prompt.shape[0] for row in joining], device=device)
+        padded = torch.zeros(len(joining), int(lengths.max()), dtype=torch.long, device=device)
+        for i, row in enumerate(joining):
+            padded[i, : row.prompt.shape[0]] = row.prompt.to(device)
+        logits, features = self.runner.join(padded, lengths)
+        self._share(joining, self.runner.last_seconds)
+        self.rows.extend(joining)
+        for row, token in zip(joining, self.sample(logits), strict=True):
             row.generated.append(token)
             self.check_stop(row)
-        return features
+        return features, lengths
 
     def check_stop(self, row: _Row) -> None:
         if row.generated[-1] in self.eos:
@@ -252,6 +265,7 @@ def _start(
     target: nn.Module,
     prompts: list[Tensor],
     *,
+    max_batch_size: int | None,
     max_new_tokens: int,
     extra_positions: int,
     temperature: float,
@@ -263,10 +277,13 @@ def _start(
     capture: LayerCapture | None,
     started: float,
 ) -> _Batch:
+    if max_batch_size is not None and (not is_int(max_batch_size) or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be a positive int or None, got {max_batch_size!r}")
     capacity = max(int(p.shape[0]) for p in prompts) + max_new_tokens + extra_positions
-    runner = CachedTarget(target, capture, batch=len(prompts), capacity=capacity)
+    runner = CachedTarget(target, capture, batch=0, capacity=capacity)
     return _Batch(
-        rows=[_Row(index=i, prompt=p) for i, p in enumerate(prompts)],
+        waiting=[_Row(index=i, prompt=p) for i, p in enumerate(prompts)],
+        max_rows=max_batch_size or len(prompts),
         runner=runner,
         greedy=temperature == 0,
         eos=eos_ids(eos_token_id, target),
@@ -298,8 +315,8 @@ class _Drafter:
 
     draft: nn.Module
     schedule: ConfidenceSchedule
-    pending: Tensor  # [n, R, L*H], row i's first pending_rows[i] rows count
-    pending_rows: Tensor  # [n] long
+    pending: Tensor | None = None  # [n, R, L*H], row i's first pending_rows[i] rows count
+    pending_rows: Tensor | None = None  # [n] long
     cache: Any = None
 
     def __post_init__(self) -> None:
@@ -316,6 +333,7 @@ class _Drafter:
             none = torch.empty(0, device=target_device)
             return [_Proposal(0, empty, none, (), 0, int(length)) for length in held]
         anchors = torch.tensor([row.generated[-1] for row in rows], device=self.device)
+        assert self.pending is not None and self.pending_rows is not None
         consumed = [int(c) for c in self.pending_rows.tolist()]
         ragged = any(c != self.pending.shape[1] for c in consumed)
         synchronize(self.device)
@@ -354,8 +372,23 @@ class _Drafter:
         self.pending_rows = torch.zeros_like(self.pending_rows)
         return out
 
+    def add_rows(self, features: Tensor, lengths: Tensor) -> None:
+        """Rows join the batch: their prompts' features (row ``i``'s first ``lengths[i]``) are pending."""
+        existing = 0 if self.pending_rows is None else int(self.pending_rows.shape[0])
+        self.cache.add_rows(existing, int(lengths.shape[0]))
+        if self.pending is None or self.pending_rows is None or existing == 0:
+            self.pending, self.pending_rows = features, lengths.clone()
+            return
+        width = max(self.pending.shape[1], features.shape[1])
+        merged = features.new_zeros(existing + features.shape[0], width, features.shape[2])
+        merged[:existing, : self.pending.shape[1]] = self.pending
+        merged[existing:, : features.shape[1]] = features
+        self.pending = merged
+        self.pending_rows = torch.cat([self.pending_rows, lengths.to(self.pending_rows.device)])
+
     def add_context(self, features: Tensor, rows: Tensor) -> None:
         """Append each row's first ``rows[i]`` feature rows to what it has not fed the draft yet."""
+        assert self.pending is not None and self.pending_rows is not None
         if self.pending.shape[1] == 0:
             self.pending, self.pending_rows = features[:, : int(rows.max())], rows.clone()
             return
@@ -367,6 +400,7 @@ class _Drafter:
         self.pending, self.pending_rows = merged, total
 
     def select(self, rows: Tensor) -> None:
+        assert self.pending is not None and self.pending_rows is not None
         self.cache.select(rows.to(self.device))
         self.pending = self.pending.index_select(0, rows.to(self.pending.device))
         self.pending_rows = self.pending_rows.index_select(0, rows.to(self.pending_rows.device))
@@ -445,9 +479,10 @@ def speculative_generate_batch(
     on_round: Callable[[int, RoundRecord], None] | None = None,
     check_fit: bool = True,
     generator: torch.Generator | None = None,
+    max_batch_size: int | None = None,
 ) -> list[GenerationResult]:
     """Generate up to ``max_new_tokens`` tokens for each prompt with ``target``, drafted by ``draft``,
-    all prompts in one batch.
+    the prompts decoded together in one batch (at most ``max_batch_size`` at a time).
 
     Each row's output distribution is exactly the target's (greedy: the tokens of that row's plain
     greedy decoding, up to floating-point ties between batched, chunked and token-by-token forwards).
@@ -466,6 +501,10 @@ def speculative_generate_batch(
         proposal_length: slots to draft per round, ``1 .. block_size`` (default ``block_size``).
         on_round: called with ``(row index, RoundRecord)`` after each round, for every row in it.
         check_fit: run :func:`check_draft_fits_target` first.
+        generator: a ``torch.Generator`` instead of ``seed``.
+        max_batch_size: at most this many rows decode at once (``None``: all prompts); whenever
+            rows finish, the next waiting prompts join the running batch (continuous batching), so
+            a long row does not leave the batch half empty.
 
     Returns:
         One :class:`GenerationResult` per prompt, in input order (``sequences`` is that row's
@@ -482,6 +521,7 @@ def speculative_generate_batch(
         batch = _start(
             target,
             rows,
+            max_batch_size=max_batch_size,
             max_new_tokens=max_new_tokens,
             extra_positions=proposal_length + 1,
             temperature=temperature,
@@ -493,14 +533,17 @@ def speculative_generate_batch(
             capture=capture,
             started=started,
         )
-        features = batch.prefill()
-        assert features is not None
-        lengths = torch.tensor([row.prompt.shape[0] for row in batch.rows], device=features.device)
-        drafter = _Drafter(draft, schedule, pending=features, pending_rows=lengths)
+        drafter = _Drafter(draft, schedule)
         while True:
             kept = batch.drop_finished()
             if kept is not None:
                 drafter.select(kept)
+            joined = batch.admit()
+            if joined is not None:
+                features, lengths = joined
+                assert features is not None
+                drafter.add_rows(features, lengths.to(features.device))
+                continue  # a row that joined may already be done (EOS first, or a budget of 1)
             if not batch.rows:
                 break
             for row, record in _round(batch, drafter, proposal_length):
@@ -520,16 +563,19 @@ def plain_generate_batch(
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
+    max_batch_size: int | None = None,
 ) -> list[GenerationResult]:
     """Token-by-token decoding of a batch with the same target, cache and sampling code: the baseline
-    of :func:`speculative_generate_batch`. Finished rows leave the batch. Each decode step is reported
-    as a round that proposed nothing (so ``tau == 1``)."""
+    of :func:`speculative_generate_batch` (arguments as there). Finished rows leave the batch and
+    waiting prompts join it. Each decode step is reported as a round that proposed nothing (so
+    ``tau == 1``)."""
     started = time.perf_counter()
     rows = checked_prompts(prompts)
     check_budget_and_sampling(max_new_tokens, temperature, top_k, top_p)
     batch = _start(
         target,
         rows,
+        max_batch_size=max_batch_size,
         max_new_tokens=max_new_tokens,
         extra_positions=1,
         temperature=temperature,
@@ -541,10 +587,11 @@ def plain_generate_batch(
         capture=None,
         started=started,
     )
-    batch.prefill()
     runner = batch.runner
     while True:
         batch.drop_finished()
+        if batch.admit() is not None:
+            continue
         if not batch.rows:
             break
         last = torch.tensor([[row.generated[-1]] for row in batch.rows], device=runner.device)

@@ -59,7 +59,7 @@ def target_layer_types(target: nn.Module) -> tuple[list[str], int | None]:
         raise DraftConfigError(
             f"{type(target).__name__} has {SLIDING!r} layers but no config.sliding_window to size them"
         )
-    return types, (int(window) if SLIDING in types else None)
+    return types, (int(window) if window and SLIDING in types else None)
 
 
 class RaggedKVCache:
@@ -127,6 +127,21 @@ class RaggedKVCache:
             if keys is not None and values is not None:
                 self.keys[i] = keys.index_select(0, rows)
                 self.values[i] = values.index_select(0, rows)
+
+    def append(self, other: RaggedKVCache) -> None:
+        """Add ``other``'s rows after this cache's (rows joining a running batch); same capacity."""
+        if other.capacity != self.capacity:
+            raise ValueError(f"cannot append a cache of capacity {other.capacity} to one of {self.capacity}")
+        self.lengths = torch.cat([self.lengths, other.lengths.to(self.lengths.device)])
+        for i, (keys, values) in enumerate(zip(other.keys, other.values, strict=True)):
+            mine_keys, mine_values = self.keys[i], self.values[i]
+            if keys is None or values is None:
+                continue
+            if mine_keys is None or mine_values is None:
+                self.keys[i], self.values[i] = keys, values
+            else:
+                self.keys[i] = torch.cat([mine_keys, keys.to(mine_keys.device)])
+                self.values[i] = torch.cat([mine_values, values.to(mine_values.device)])
 
     def _grow(self, capacity: int) -> None:
         for i, (keys, values) in enumerate(zip(self.keys, self.values, strict=True)):

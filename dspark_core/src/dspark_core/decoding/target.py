@@ -72,20 +72,24 @@ class CachedTarget:
         """The longest row's committed length (the only row's, at batch size 1)."""
         return self.cache.get_seq_length()
 
-    def feed(self, tokens: Tensor, *, keep: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def feed(
+        self, tokens: Tensor, *, keep: Tensor | None = None, cache: RaggedKVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """Run ``tokens [b, T]``, row ``i`` at positions ``lengths[i] .. lengths[i] + T - 1``.
 
         Returns float logits ``[b, T, V]`` (with ``keep [b]``, only ``[b, V]`` at position ``keep[i]``
         of each row's chunk) and, with a capture, the features ``[b, T, L*H]``. The cache's lengths
-        do not move until :meth:`commit`.
+        do not move until :meth:`commit`. ``cache`` feeds another cache than the batch's (rows
+        about to join it).
         """
+        cache = self.cache if cache is None else cache
         batch, count = tokens.shape
-        starts = self.cache.lengths
+        starts = cache.lengths
         positions = starts.view(-1, 1) + torch.arange(count, device=self.device)
-        self.cache.begin(count)
+        cache.begin(count)
         width = int(starts.max()) + count
         kwargs: dict[str, Any] = {
-            self.cache_kwarg: self.cache,
+            self.cache_kwarg: cache,
             "use_cache": True,
             "position_ids": positions,
             "attention_mask": layer_masks(starts, count, width, self.layer_types, self.window, self.dtype),
@@ -113,6 +117,18 @@ class CachedTarget:
         self.last_seconds = time.perf_counter() - began
         self.seconds += self.last_seconds
         self.forwards += 1
+        return logits, features
+
+    def join(self, prompts: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor | None]:
+        """New rows join the batch: ``prompts [m, P]`` (row ``i``'s first ``lengths[i]`` tokens count)
+        are prefilled in their own forward and appended after the running rows. Returns the logits
+        ``[m, V]`` at each prompt's last token and the prompts' features."""
+        joining = RaggedKVCache(
+            len(self.layer_types), torch.zeros_like(lengths, device=self.device), self.cache.capacity
+        )
+        logits, features = self.feed(prompts, keep=lengths - 1, cache=joining)
+        joining.commit(lengths)
+        self.cache.append(joining)
         return logits, features
 
     def commit(self, lengths: Tensor) -> None:

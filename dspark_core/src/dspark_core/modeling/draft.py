@@ -136,6 +136,19 @@ class DraftKVCache:
             if bool((self._lengths == self.width).all()):
                 self._lengths = None
 
+    def add_rows(self, existing: int, count: int) -> None:
+        """``count`` empty rows join after the ``existing`` ones (prompts joining a running batch)."""
+        keys = self._keys[0]
+        device = keys.device if keys is not None else torch.device("cpu")
+        held = self.row_lengths(existing, device)
+        for i, (stored_keys, stored_values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if stored_keys is not None and stored_values is not None:
+                pad = stored_keys.new_zeros((count, *stored_keys.shape[1:]))
+                self._keys[i] = torch.cat([stored_keys, pad])
+                self._values[i] = torch.cat([stored_values, pad.to(stored_values.dtype)])
+        lengths = torch.cat([held, torch.zeros(count, dtype=torch.long, device=device)])
+        self._lengths = None if bool((lengths == self.width).all()) else lengths
+
     def select(self, rows: Tensor) -> None:
         """Keep only the batch rows ``rows`` (finished rows leave the batch)."""
         for i, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
@@ -558,11 +571,11 @@ class DSparkDraftModel(PreTrainedModel):
             else context_rows.to(device=device, dtype=torch.long)
         )
         context = self.encode_context(context_features)
-        context_positions = starts.view(batch, 1) + torch.arange(new_rows, device=device)
         anchor = starts + counts
+        context_positions = _row_positions(starts, new_rows)
         block_ids = torch.full((batch, block_size), int(self.config.mask_token_id), device=device)
         block_ids[:, 0] = anchor_tokens
-        block_positions = anchor.view(batch, 1) + torch.arange(block_size, device=device)
+        block_positions = _row_positions(anchor, block_size)
         hidden = self.embed_tokens(block_ids).to(context.dtype)
         stored = int(starts.max()) + new_rows if batch else new_rows
         mask = None
@@ -636,6 +649,16 @@ class DSparkDraftModel(PreTrainedModel):
         return BlockProposal(
             tokens=tokens, probs=probs, logits=logits, confidence=self._confidence(hidden, previous)
         )
+
+
+def _row_positions(starts: Tensor, count: int) -> Tensor:
+    """``[b, count]``: ``starts[i] + 0 .. count - 1`` per row."""
+    batch = starts.shape[0]
+    if batch and bool((starts == starts[0]).all()):
+        # One row of positions for all (the batch-1 case): the rotary tables keep their exact bits.
+        first = int(starts[0])
+        return torch.arange(first, first + count, device=starts.device).expand(batch, count)
+    return starts.view(batch, 1) + torch.arange(count, device=starts.device)
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
