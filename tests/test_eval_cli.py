@@ -44,7 +44,7 @@ def test_table_and_json_with_baseline(
     chat = write(tmp_path / "chat.jsonl", {"messages": [{"role": "user", "content": "Say hello."}]})
     code, out, err = run_eval(
         capsys, pair, bench, chat, "--batch-size", "2", "--max-new-tokens", "10", "--baseline",
-        "--limit", "3", "--temperature", "0", "1", "--json",
+        "--limit", "3", "--temperature", "0,1", "--json",
     )  # fmt: skip
     assert code == 0, err
     payload = json.loads(out)

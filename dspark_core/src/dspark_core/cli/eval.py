@@ -31,11 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
     parser.add_argument(
         "--temperature",
-        type=float,
-        nargs="+",
-        default=[0.0],
-        metavar="T",
-        help="one or more temperatures, each evaluated in turn (default 0: greedy)",
+        type=_temperatures,
+        action="extend",
+        default=None,
+        metavar="T[,T...]",
+        help="temperatures, comma-separated or repeated, each evaluated in turn (default 0: greedy)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer (default 128)")
     parser.add_argument("--limit", type=int, default=None, help="at most this many lines per file")
@@ -75,6 +75,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+def _temperatures(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, e.g. 0,1; got {text!r}"
+        ) from None
+
+
 def _check(args: argparse.Namespace) -> None:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from dspark_core.options import canonical_precision, resolve_device, resolve_dtype
 
     settings = EvalSettings(
-        temperatures=tuple(args.temperature),
+        temperatures=tuple(args.temperature or [0.0]),
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         seed=args.seed,
