@@ -66,7 +66,8 @@ def test_json_output_with_baseline(pair: tuple[Path, Path], capsys: pytest.Captu
     summary = payload["summary"]
     assert summary["speculative"]["rounds"] == metrics["rounds"]
     assert summary["baseline"]["new_tokens"] == metrics["new_tokens"]
-    assert summary["speedup"] is not None
+    assert summary["speedup_pooled"] is not None and summary["speedup_median"] is not None
+    assert summary["speculative"]["tau_pooled"] >= 1.0 and "bonus" in summary["definitions"]["tau_pooled"]
     assert payload["settings"]["schedule"] == "off" and payload["settings"]["proposal_length"] == 4
 
     # The chat template wrapped the prompt, as the tokenizer would for a chat.
@@ -89,7 +90,8 @@ def test_text_output_and_progress_bar(
     )  # fmt: skip
     assert code == 0, err
     assert "[1/2] 'Hello there'" in out and "[2/2] 'The quick brown fox'" in out
-    for row in ("tau (tokens/round)", "accept_rate@0..", "draft time (s)", "tokens/s", "speedup"):
+    rows = ("tau_pooled (tokens/verify round)", "accept_rate@k, k=0..", "draft time (s)", "tokens/s")
+    for row in (*rows, "speedup_pooled", "speedup_median (min-max)", "the bonus token counted"):
         assert row in out
     assert "prompts" in err  # the tqdm bar goes to stderr
 

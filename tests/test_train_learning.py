@@ -90,9 +90,9 @@ def test_loss_falls_and_tau_rises_on_the_tiny_target(demo_run: Path) -> None:
             "grad_norm",
         } <= record.keys()
         assert [k for k in record if k.startswith("alpha@")] == [f"alpha@{k}" for k in range(4)]
-    evaluated = [r for r in records if "eval_tau" in r]
+    evaluated = [r for r in records if "eval_tau_pooled" in r]
     assert [r["step"] for r in evaluated] == [30, 60]
-    assert all(r["eval_tau"] >= 1.0 for r in evaluated)
+    assert all(r["eval_tau_pooled"] >= 1.0 for r in evaluated)
 
 
 def test_demo_data_is_the_targets_own_output_and_the_export_loads(demo_run: Path) -> None:

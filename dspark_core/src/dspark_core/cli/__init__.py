@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("resolve", (), "dspark_core.cli.plugins_resolve"),
     ("doctor", (), "dspark_core.cli.plugins_doctor"),
     ("generate", (), "dspark_core.cli.generate"),
+    ("eval", (), "dspark_core.cli.eval"),
     ("train", (), "dspark_core.cli.train"),
     ("regenerate", (), "dspark_core.cli.regenerate"),
     ("verify", (), "dspark_core.cli.verify"),

@@ -57,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop token (repeatable); default: the target's generation config",
     )
     parser.add_argument(
-        "--baseline", action="store_true", help="also decode plainly with the target and report the speedup"
+        "--baseline",
+        action="store_true",
+        help="also decode each prompt plainly (alternating which goes first) and report speedup_pooled and "
+        "speedup_median",
     )
     parser.add_argument("--no-chat-template", action="store_true", help="feed the prompt text as it is")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -180,20 +183,33 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def _speedup(spec: SpeculativeMetrics, plain: SpeculativeMetrics) -> float | None:
-    if math.isnan(plain.tokens_per_s) or plain.tokens_per_s <= 0:
-        return None
-    return spec.tokens_per_s / plain.tokens_per_s
+    """``speedup_pooled`` of these metrics (one prompt's, or every prompt's combined)."""
+    from dspark_core.decoding import figures
+
+    ratio = figures.throughput_ratio(spec.new_tokens, spec.total_time_s, plain.new_tokens, plain.total_time_s)
+    return ratio if math.isfinite(ratio) else None
 
 
-def _print_summary(spec: SpeculativeMetrics, plain: SpeculativeMetrics | None) -> None:
+def _speedup_median(records: list[dict[str, Any]]) -> tuple[float, float, float] | None:
+    """``speedup_median`` (median, min, max) over the prompts' own ratios."""
+    from dspark_core.decoding import figures
+
+    ratios = [r["speedup"] for r in records if r.get("speedup") is not None]
+    return figures.speedup_median(ratios) if ratios else None
+
+
+def _print_summary(
+    spec: SpeculativeMetrics, plain: SpeculativeMetrics | None, median: tuple[float, float, float] | None
+) -> None:
     rows: list[tuple[str, str, str]] = [
         ("prompts", str(spec.generations), str(plain.generations) if plain else ""),
         ("new tokens", str(spec.new_tokens), str(plain.new_tokens) if plain else ""),
         ("target forwards", str(spec.target_forwards), str(plain.target_forwards) if plain else ""),
         ("verify rounds", str(spec.rounds), ""),
-        ("tau (tokens/round)", _fmt(spec.tau), ""),
+        ("tau_pooled (tokens/verify round)", _fmt(spec.tau_pooled), ""),
+        ("tokens_per_target_forward", _fmt(spec.tokens_per_target_forward), ""),
         ("mean proposal length", _fmt(spec.mean_proposal_length), ""),
-        ("accept_rate@0..", _rates(spec), ""),
+        ("accept_rate@k, k=0..", _rates(spec), ""),
         ("draft time (s)", _fmt(spec.draft_time_s, ".3f"), ""),
         (
             "target time (s)",
@@ -204,7 +220,11 @@ def _print_summary(spec: SpeculativeMetrics, plain: SpeculativeMetrics | None) -
         ("tokens/s", _fmt(spec.tokens_per_s, ".1f"), _fmt(plain.tokens_per_s, ".1f") if plain else ""),
     ]
     if plain is not None:
-        rows.append(("speedup", _fmt(_speedup(spec, plain)) + "x", ""))
+        rows.append(("speedup_pooled", _fmt(_speedup(spec, plain)) + "x", ""))
+        if median is not None:
+            rows.append(
+                ("speedup_median (min-max)", f"{_fmt(median[0])}x ({_fmt(median[1])}-{_fmt(median[2])}x)", "")
+            )
     header = ("metric", "speculative", "baseline" if plain else "")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     for row in [header, *rows]:
@@ -287,11 +307,13 @@ def _decode_prompts(
     progress = tqdm(pairs, desc="prompts", unit="prompt", file=sys.stderr, leave=False)
     for index, (prompt, ids) in enumerate(progress):
         options = {"max_new_tokens": args.max_new_tokens, "seed": args.seed, **sampling}
+        # With a baseline, the two methods take turns going first, so machine load falls on both alike.
+        plain = plain_generate(target, ids, **options) if args.baseline and index % 2 == 0 else None
         result = speculative_generate(target, draft, ids, check_fit=False, **options, **spec_options)
         spec_metrics.append(result.metrics)
         record = _record(index, prompt, result, tokenizer)
         if args.baseline:
-            plain = plain_generate(target, ids, **options)
+            plain = plain if plain is not None else plain_generate(target, ids, **options)
             plain_metrics.append(plain.metrics)
             record["baseline"] = _record(index, prompt, plain, tokenizer)
             record["speedup"] = _speedup(result.metrics, plain.metrics)
@@ -329,7 +351,7 @@ def _exactness_note(
 def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts) if args.prompts is not None else [Prompt(args.prompt, "--prompt")]
     _check_arguments(args)
-    from dspark_core.decoding import ConfidenceSchedule, combine_metrics
+    from dspark_core.decoding import ConfidenceSchedule, combine_metrics, figures
 
     schedule = ConfidenceSchedule.parse(args.schedule)
     if args.threads is not None:
@@ -343,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
     spec_total = combine_metrics(spec_metrics)
     plain_total = combine_metrics(plain_metrics) if plain_metrics else None
     note = _exactness_note(args, dtype, records)
+    median = _speedup_median(records)
     if args.plot is not None:
         from dspark_core.decoding.plot import plot_acceptance
 
@@ -362,7 +385,20 @@ def run(args: argparse.Namespace) -> int:
         summary = {
             "speculative": spec_total.as_dict(),
             "baseline": plain_total.as_dict() if plain_total else None,
-            "speedup": _speedup(spec_total, plain_total) if plain_total else None,
+            "speedup_pooled": _speedup(spec_total, plain_total) if plain_total else None,
+            "speedup_median": median[0] if median else None,
+            "speedup_min": median[1] if median else None,
+            "speedup_max": median[2] if median else None,
+            "definitions": {
+                name: figures.DEFINITIONS[name]
+                for name in (
+                    "tau_pooled",
+                    "tokens_per_target_forward",
+                    "accept_rate@k",
+                    "speedup_pooled",
+                    "speedup_median",
+                )
+            },
             "baseline_matches": _matches(records),
             "note": note,
         }
@@ -370,7 +406,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**payload, "results": records, "summary": summary}, indent=2))
         return 0
     print()
-    _print_summary(spec_total, plain_total)
+    _print_summary(spec_total, plain_total, median)
+    print("tau_pooled: tokens per verify round, the bonus token counted (plain decoding is 1.00)")
+    if plain_total is not None:
+        print("speedup_pooled: total tokens/s over plain's; speedup_median: the median of per-prompt ratios")
     if note:
         print(f"note: {note}")
     if args.plot is not None:
@@ -402,7 +441,7 @@ def _print_record(record: dict[str, Any], total: int) -> None:
     print(shown)
     rates = " ".join("-" if r is None else f"{r:.2f}" for r in metrics["accept_rate"]) or "-"
     line = (
-        f"--- {metrics['new_tokens']} tokens, {metrics['rounds']} rounds, tau {_fmt(metrics['tau'])}, "
+        f"--- {metrics['new_tokens']} tokens, {metrics['rounds']} rounds, tau {_fmt(metrics['tau_pooled'])}, "
         f"accept_rate@0.. {rates}, {_fmt(metrics['tokens_per_s'], '.1f')} tok/s"
     )
     if "baseline" in record:

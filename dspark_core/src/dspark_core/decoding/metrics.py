@@ -9,6 +9,9 @@ from typing import Any, Literal
 
 from torch import Tensor
 
+from dspark_core.decoding import figures
+from dspark_core.decoding.figures import RequestRounds
+
 StopReason = Literal["eos", "max_new_tokens"]
 
 
@@ -69,15 +72,30 @@ class SpeculativeMetrics:
         """Verify rounds (target forwards after the prefill)."""
         return len(self.committed_per_round)
 
+    def request_rounds(self) -> RequestRounds:
+        """The per-round counts, as :mod:`~dspark_core.decoding.figures` takes them."""
+        return RequestRounds(self.committed_per_round, self.accepted_per_round, self.proposed_per_round)
+
+    @property
+    def tau_pooled(self) -> float:
+        """``tau_pooled`` (see :data:`~dspark_core.decoding.figures.DEFINITIONS`): tokens committed per
+        verify round over every round held here, the bonus (or corrected) token included."""
+        return figures.tau_pooled([self.request_rounds()])
+
     @property
     def tau(self) -> float:
-        """Mean tokens committed per verify round, the bonus (or corrected) token included."""
-        return sum(self.committed_per_round) / self.rounds if self.rounds else float("nan")
+        """The same as :attr:`tau_pooled` (kept for code written before the figures were named)."""
+        return self.tau_pooled
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        """New tokens over target forwards, the prefill included (lower than tau by the prefill)."""
+        return figures.tokens_per_target_forward(self.new_tokens, self.target_forwards)
 
     @property
     def mean_proposal_length(self) -> float:
         """Mean ``l`` over rounds: the tokens sent to verification after the schedule."""
-        return sum(self.proposed_per_round) / self.rounds if self.rounds else float("nan")
+        return figures.mean_proposal_length([self.request_rounds()])
 
     @property
     def mean_accepted(self) -> float:
@@ -85,15 +103,9 @@ class SpeculativeMetrics:
         return sum(self.accepted_per_round) / self.rounds if self.rounds else float("nan")
 
     def accept_rates(self) -> list[float | None]:
-        """``accept_rate@i`` for ``i = 0 .. max l - 1``: rounds with more than ``i`` accepted over rounds
-        that proposed more than ``i`` (``None`` when no round proposed more than ``i``)."""
-        longest = max(self.proposed_per_round, default=0)
-        rates: list[float | None] = []
-        for i in range(longest):
-            eligible = sum(1 for p in self.proposed_per_round if p > i)
-            passed = sum(1 for a in self.accepted_per_round if a > i)
-            rates.append(passed / eligible if eligible else None)
-        return rates
+        """``accept_rate@k`` for ``k = 0 .. max l - 1``: rounds with more than ``k`` accepted over rounds
+        that proposed more than ``k`` (``None`` when no round proposed more than ``k``)."""
+        return figures.accept_rates([self.request_rounds()])
 
     @property
     def tokens_per_s(self) -> float:
@@ -107,7 +119,8 @@ class SpeculativeMetrics:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "rounds": self.rounds,
-            "tau": _finite_or_none(self.tau),
+            "tau_pooled": _finite_or_none(self.tau_pooled),
+            "tokens_per_target_forward": _finite_or_none(self.tokens_per_target_forward),
             "accept_rate": self.accept_rates(),
             "mean_proposal_length": _finite_or_none(self.mean_proposal_length),
             "mean_accepted": _finite_or_none(self.mean_accepted),

@@ -32,7 +32,7 @@ def plot_acceptance(metrics: Sequence[SpeculativeMetrics], path: str | Path) -> 
     right.set(
         xlabel="draft tokens accepted in a round",
         ylabel="share of rounds",
-        title=f"accepted length (tau {total.tau:.2f}, {total.rounds} rounds)",
+        title=f"accepted length (tau_pooled {total.tau_pooled:.2f}, {total.rounds} rounds)",
     )
     figure.tight_layout()
     out = Path(path)

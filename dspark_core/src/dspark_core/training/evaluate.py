@@ -1,4 +1,6 @@
-"""Periodic evaluation: decode held-out prompts with the real speculative loop (``eval_*`` metrics)."""
+"""Periodic evaluation: decode held-out prompts with the real speculative loop (``eval_*`` metrics:
+``eval_tau_pooled``, ``eval_tau_mean_per_request``, ``eval_accept_rate@k``, as
+:mod:`dspark_core.decoding.figures` defines them)."""
 
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ class Evaluator:
         self.fsdp = fsdp
 
     def run(self, target: nn.Module, draft: Any) -> dict[str, Any]:
-        from dspark_core.decoding import combine_metrics, speculative_generate
+        from dspark_core.decoding import combine_metrics, figures, speculative_generate
 
         prompts = self.prompts if self.fsdp else self.prompts[self.ctx.rank :: self.ctx.world_size]
         draft.eval()
@@ -84,8 +86,14 @@ class Evaluator:
         gathered = (
             results if self.fsdp else [m for part in self.ctx.all_gather_objects(results) for m in part]
         )
+        # Named as in dspark_core.decoding.figures, with the eval_ prefix (runs before them logged eval_tau).
         combined = combine_metrics(gathered)
-        out: dict[str, Any] = {"eval_tau": combined.tau, "eval_tokens_per_s": combined.tokens_per_s}
-        for i, rate in enumerate(combined.accept_rates()):
+        requests = [m.request_rounds() for m in gathered]
+        out: dict[str, Any] = {
+            "eval_tau_pooled": figures.tau_pooled(requests),
+            "eval_tau_mean_per_request": figures.tau_mean_per_request(requests),
+            "eval_tokens_per_s": combined.tokens_per_s,
+        }
+        for i, rate in enumerate(figures.accept_rates(requests)):
             out[f"eval_accept_rate@{i}"] = rate
         return out

@@ -95,10 +95,15 @@ def _tau_chart(plt: Any, records: list[dict[str, Any]], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     # Runs written before the rename log the proxy as "tau" and the per-slot proxy as "accept_rate@k".
     proxy = "tau_proxy" if any("tau_proxy" in r for r in records) else "tau"
-    for key, label in ((proxy, "tau_proxy (teacher-forced, training rows)"), ("eval_tau", "tau (decoding)")):
+    # ... and decoding's tau as "eval_tau" before it was named eval_tau_pooled.
+    measured = "eval_tau_pooled" if any("eval_tau_pooled" in r for r in records) else "eval_tau"
+    for key, label in (
+        (proxy, "tau_proxy (teacher-forced, training rows)"),
+        (measured, "tau_pooled (decoding)"),
+    ):
         steps, values = _series(records, key)
         if steps:
-            ax.plot(steps, values, label=label, marker="o" if key == "eval_tau" else None)
+            ax.plot(steps, values, label=label, marker="o" if key == measured else None)
     return _finish(plt, fig, ax, path, ylabel="tokens per verify round", title="tau")
 
 
