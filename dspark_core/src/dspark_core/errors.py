@@ -44,6 +44,10 @@ class DraftConfigError(DSparkError, ValueError):
     """A draft or target configuration field is invalid."""
 
 
+class CalibrationError(DSparkError, ValueError):
+    """A calibration file (``sts.json``, ``dspark_calibration.json``) or cost table that cannot be used."""
+
+
 class DSparkPluginWarning(UserWarning):
     """A plugin was skipped (failed to load, or was named in a selection variable but not found)."""
 

@@ -52,6 +52,10 @@ def _print_text(verdicts: list[Any], speculative: dict[str, Any] | None) -> None
     print("Rules marked unverified are assumptions; --json lists every assumption with its source.")
 
 
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def run(args: argparse.Namespace) -> int:
     from dspark_core.model_dirs import require_model_dir
     from dspark_core.serving import check_draft, read_draft_dir, vllm_speculative_config
@@ -61,14 +65,19 @@ def run(args: argparse.Namespace) -> int:
     verdicts = check_draft(facts)
     by_name = {v.engine: v for v in verdicts}
     speculative = vllm_speculative_config(folder, facts) if by_name["vLLM"].ok else None
+    from dspark_core.calibration.serving import calibration_status, status_lines
+
+    calibration = calibration_status(folder, _int_or_none(facts.get("block_size")), speculative)
     if args.json:
         payload = {
             "draft": str(folder),
             "verdicts": [v.to_dict() for v in verdicts],
             "vllm_speculative_config": speculative,
+            "calibration": calibration.to_dict(),
         }
         print(json.dumps(payload, indent=2))
     else:
         _print_text(verdicts, speculative)
+        print("\n".join(status_lines(calibration)))
     required = [_ENGINE_KEYS[key] for key in args.require]
     return 0 if by_name["dspark"].ok and all(by_name[name].ok for name in required) else 1

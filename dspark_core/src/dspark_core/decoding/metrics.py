@@ -27,6 +27,8 @@ class RoundRecord:
         target_cache_length: the target cache's length after the crop (``s + a + 1``).
         draft_cache_length: the draft cache's length after the proposal (``s`` when it drafted).
         draft_context_rows: context rows fed to the draft this round.
+        confidence_logits: the raw confidence logits of the drafted slots, before any schedule; empty
+            when the draft has no confidence head.
     """
 
     index: int
@@ -39,6 +41,7 @@ class RoundRecord:
     target_cache_length: int
     draft_cache_length: int
     draft_context_rows: int
+    confidence_logits: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

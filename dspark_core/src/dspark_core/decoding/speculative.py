@@ -194,6 +194,12 @@ def _checked_proposal_options(
             f"schedule {schedule.describe()!r} needs a confidence head, but the draft has none "
             "(enable_confidence_head=False); use schedule 'off'"
         )
+    if schedule.needs_costs and len(schedule.round_seconds) <= proposal_length:
+        raise DraftConfigError(
+            f"schedule {schedule.describe()!r} needs the seconds of a round at every length "
+            f"0..{proposal_length}, got {len(schedule.round_seconds)}: build it with "
+            "dspark_core.decoding.costs.prepare_cost_schedule (or ConfidenceSchedule.with_costs)"
+        )
     return proposal_length, schedule
 
 
@@ -214,11 +220,13 @@ class _Drafter:
 
     def propose(
         self, decode: _Decode, anchor: int, anchor_position: int, slots: int
-    ) -> tuple[Tensor, Tensor, int]:
-        """(tokens, their q rows, context rows consumed) after the schedule's cut."""
+    ) -> tuple[Tensor, Tensor, int, tuple[float, ...]]:
+        """(tokens, their q rows, context rows consumed) after the schedule's cut, and the raw confidence
+        logits of every drafted slot (empty without a confidence head)."""
         device = decode.runner.device
         if slots == 0:
-            return torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), 0
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            return empty, torch.empty(0, device=device), 0, ()
         synchronize(self.device)
         began = time.perf_counter()
         proposal = self.draft.propose(  # type: ignore[operator]
@@ -239,7 +247,8 @@ class _Drafter:
         self.cache.settle_at(anchor_position)
         consumed = int(self.pending.shape[1])
         self.pending = self.pending[:, :0]
-        return tokens, probs, consumed
+        raw = () if confidence is None else tuple(float(c) for c in confidence[:slots].tolist())
+        return tokens, probs, consumed, raw
 
 
 def _round(decode: _Decode, drafter: _Drafter, slots: int, index: int) -> RoundRecord:
@@ -247,7 +256,9 @@ def _round(decode: _Decode, drafter: _Drafter, slots: int, index: int) -> RoundR
     anchor = decode.generated[-1]
     anchor_position = decode.prompt.shape[1] + len(decode.generated) - 1
     runner = decode.runner
-    draft_tokens, draft_probs, context_rows = drafter.propose(decode, anchor, anchor_position, slots)
+    draft_tokens, draft_probs, context_rows, confidence = drafter.propose(
+        decode, anchor, anchor_position, slots
+    )
     draft_cache_length = int(drafter.cache.length)
     verify_input = torch.cat([torch.tensor([anchor], device=runner.device), draft_tokens]).unsqueeze(0)
     logits, features = runner.feed(verify_input)
@@ -272,6 +283,7 @@ def _round(decode: _Decode, drafter: _Drafter, slots: int, index: int) -> RoundR
         target_cache_length=runner.length,
         draft_cache_length=draft_cache_length,
         draft_context_rows=context_rows,
+        confidence_logits=confidence,
     )
 
 
