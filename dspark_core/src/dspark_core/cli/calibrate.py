@@ -108,11 +108,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(canonical_precision(args.dtype, error=ValueError), device)
     target_dir = require_model_dir(args.target, "--target")
     draft_dir = require_model_dir(args.draft, "--draft")
+    # The data is checked before the models load, so a bad file fails fast.
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    prompts = read_prompts(args.data, tokenizer, args.max_prompts)
     target: Any = AutoModelForCausalLM.from_pretrained(target_dir, dtype=dtype)
     target = target.to(device).eval()
     draft = load_draft(draft_dir, target, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
-    prompts = read_prompts(args.data, tokenizer, args.max_prompts)
     eos = target.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id

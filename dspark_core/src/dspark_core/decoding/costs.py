@@ -241,6 +241,7 @@ def prepare_cost_schedule(
     draft_dir: Path | None,
     cache_dir: Path | None = None,
     refresh: bool = False,
+    **profile_options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """A ``cost`` schedule made ready to run: STS temperatures from ``draft_dir/sts.json`` (identity
     when there is none, reported) and the cost table of this machine. Other schedules pass through.
@@ -264,6 +265,8 @@ def prepare_cost_schedule(
             "confidences; run `dspark calibrate` on held-out prompts first",
             UserWarning,
         )
-    table, reused = load_or_profile_costs(target, draft, cache_dir=cache_dir, refresh=refresh)
+    table, reused = load_or_profile_costs(
+        target, draft, cache_dir=cache_dir, refresh=refresh, **profile_options
+    )
     info["cost_table"] = {**table.as_dict(), "reused": reused}
     return schedule.with_costs(table.round_seconds()), info
