@@ -123,10 +123,13 @@ def run_temperature(
 
 def print_methods(temperature: float, figures: dict[str, dict[str, Any]], prompts: int) -> None:
     print(
-        f"\nT={temperature:g}, {prompts} held-out prompts (ratios to plain decoding, same prompts, interleaved):"
+        f"\nT={temperature:g}, {prompts} held-out prompts "
+        "(ratios to plain decoding, same prompts, interleaved):"
     )
-    print("| schedule | speedup median (min-max) | speedup pooled | tau | mean l | verify tokens / committed |"
-          + (" identical |" if temperature == 0 else ""))  # fmt: skip
+    header = (
+        "| schedule | speedup median (min-max) | speedup pooled | tau | mean l | verify tokens / committed |"
+    )
+    print(header + (" identical |" if temperature == 0 else ""))
     print("|---|---|---|---|---|---|" + ("---|" if temperature == 0 else ""))
     for method, f in figures.items():
         if method == "plain":
@@ -190,8 +193,9 @@ def main() -> None:
             figures, heldout = run_temperature(target, draft, heldout_prompts, schedules, args, temperature)
             before = position_figures(heldout, [1.0] * heldout.block_size)
             after = position_figures(heldout, temps)
-            print(f"\nheld-out running-product calibration at T={temperature:g} ({len(heldout.samples)} rounds "
-                  "of the no-schedule runs, temperatures from the training slice):")  # fmt: skip
+            print(f"\nheld-out running-product calibration at T={temperature:g} "
+                  f"({len(heldout.samples)} rounds of the no-schedule runs, temperatures from the training "
+                  "slice):")  # fmt: skip
             print("| pos | samples | observed | ECE raw | ECE STS | Brier raw | Brier STS | AUROC |")
             print("|---|---|---|---|---|---|---|---|")
             for b, a in zip(before, after, strict=True):
