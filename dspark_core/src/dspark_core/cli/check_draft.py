@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _print_text(verdicts: list[Any], speculative: dict[str, Any] | None) -> None:
+def _print_text(verdicts: list[Any], speculative: dict[str, Any] | None, calibration: list[str]) -> None:
     width = max(len(v.engine) for v in verdicts) + 2
     for verdict in verdicts:
         # why not, for a loader that cannot; otherwise its notes, less the assumptions (see --json)
@@ -45,6 +45,7 @@ def _print_text(verdicts: list[Any], speculative: dict[str, Any] | None) -> None
         print(f"{verdict.engine:<{width}}{'ok' if verdict.ok else 'no'}{first}")
         for line in lines[1:]:
             print(f"{'':<{width + 4}}{line}")
+    print("\n".join(calibration))
     if speculative is None:
         print("vLLM speculative config: none (vLLM cannot load this draft)")
     else:
@@ -77,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, indent=2))
     else:
-        _print_text(verdicts, speculative)
-        print("\n".join(status_lines(calibration)))
+        _print_text(verdicts, speculative, status_lines(calibration))
     required = [_ENGINE_KEYS[key] for key in args.require]
     return 0 if by_name["dspark"].ok and all(by_name[name].ok for name in required) else 1
