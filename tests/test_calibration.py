@@ -379,3 +379,22 @@ def test_calibrate_errors_are_one_line(
         ["calibrate", "--target", str(target), "--draft", str(draft), "--data", str(tmp_path / "none.jsonl")]
     )
     assert code == 1 and "no such file" in capsys.readouterr().err
+
+
+def test_generate_with_the_cost_schedule(
+    pair: tuple[Path, Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target, draft, _ = pair
+    monkeypatch.setenv("DSPARK_CACHE_DIR", str(tmp_path))
+    args = ["generate", "--target", str(target), "--draft", str(draft), "--prompt", "Count to five.",
+            "--max-new-tokens", "16", "--schedule", "cost", "--baseline", "--json"]  # fmt: skip
+    for reused in (False, True):
+        assert main(args) == 0
+        payload = json.loads(capsys.readouterr().out)
+        info = payload["settings"]["schedule_info"]
+        assert payload["settings"]["schedule"] == "cost"
+        assert info["cost_table"]["reused"] is reused and len(info["cost_table"]["verify_s"]) == 5
+        assert payload["summary"]["baseline_matches"] == {"identical": 1, "compared": 1}
