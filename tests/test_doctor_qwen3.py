@@ -41,10 +41,13 @@ def test_doctor_passes_and_lists_both_qwen3_architectures() -> None:
         expected = f"ok       {architecture} -> dspark_qwen3.modeling.Qwen3DSparkModel"
         (line,) = [line for line in lines if line.startswith(expected)]
         assert "dspark-qwen3" in line and "config_class Qwen3Config" in line, line
-        # A tiny draft was built from the plugin's own tiny target and ran forward and propose.
-        assert line.endswith(f"tiny draft for family {families[architecture]!r}: forward and propose ok"), (
-            line
-        )
+        # A tiny draft was built from the plugin's own tiny target and ran forward and propose, then
+        # decoded speculatively on the tiny target and on a sliding-window variant of it.
+        assert line.endswith(
+            f"tiny draft for family {families[architecture]!r}: forward and propose ok; "
+            "speculative decode ok (full attention; sliding window 4, "
+            + ("hybrid)" if architecture == "Qwen3ForCausalLM" else "every layer)")
+        ), line
     assert not any(line.startswith("PROBLEM") for line in lines), result.stdout
     assert lines[-1].endswith(", 0 problem(s)")
     assert int(lines[-1].split()[0]) >= 2

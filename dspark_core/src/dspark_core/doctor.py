@@ -4,7 +4,10 @@ For every registered architecture: the draft class imports and is a ``PreTrained
 ``config_class`` (without one only ``from_pretrained`` fails, long after training); and, where a
 plugin's ``dspark_tiny_target_builders`` hook builds a tiny target of that architecture, a tiny
 draft is built for it and runs one training forward and one ``propose`` on the target's real
-features. No family registered at all is a problem too: a misspelt entry-point group would
+features, then a batched greedy speculative decode on the tiny target and, where its config has a
+sliding window, on a variant with a window shorter than the decode (a first full layer and sliding
+ones after it, where the config can say so), so a target whose cache cannot be cut back fails here
+rather than in ``generate``. No family registered at all is a problem too: a misspelt entry-point group would
 otherwise pass. Torch is imported only when a check needs it.
 """
 
@@ -36,6 +39,11 @@ TINY_DRAFT_OPTIONS: dict[str, Any] = {
 }
 #: Tokens of the tiny forward: four blocks' worth.
 TINY_SEQUENCE_LENGTH = 16
+#: The sliding window of the tiny target's windowed variant, far shorter than the tiny decode.
+TINY_WINDOW = 4
+#: Prompt lengths (ragged, so the batch is too) and new tokens of the tiny speculative decode.
+TINY_DECODE_PROMPTS = (6, 3)
+TINY_DECODE_TOKENS = 16
 
 
 @dataclass
@@ -196,7 +204,22 @@ def _check_tiny_draft(
         lambda: _tiny_draft(entry, config_class, target),
     )
     _step(architecture, "the tiny draft's forward and propose", lambda: _forward_and_propose(target, draft))
-    return f"tiny draft for family {family!r}: forward and propose ok"
+    decoded = [_step(architecture, "a tiny speculative decode", lambda: _speculative_decode(target, draft))]
+    windowed = _step(
+        architecture,
+        "building a sliding-window variant of the tiny target",
+        lambda: _windowed_variant(target),
+    )
+    if windowed is not None:
+        decoded.append(
+            _step(
+                architecture,
+                f"a tiny speculative decode past a sliding window of {TINY_WINDOW}",
+                lambda: _speculative_decode(windowed, draft),
+            )
+        )
+    decodes = "; ".join(decoded)
+    return f"tiny draft for family {family!r}: forward and propose ok; speculative decode ok ({decodes})"
 
 
 def _step(architecture: str, what: str, action: Callable[[], Any]) -> Any:
@@ -264,3 +287,64 @@ def _forward_and_propose(target: Any, draft: Any) -> None:
             f"after propose the draft cache holds {cache.length} context rows, not "
             f"{TINY_SEQUENCE_LENGTH}: every layer must extend the cache with the context keys/values"
         )
+
+
+def _windowed_variant(target: Any) -> Any:
+    """The tiny target with a short sliding window (same weights), or ``None`` if its config has none."""
+    import torch
+
+    config = target.config
+    if not hasattr(config, "sliding_window"):
+        return None
+    values = config.to_dict()
+    values.pop("layer_types", None)  # re-derived from the window settings below
+    values["sliding_window"] = TINY_WINDOW
+    if "use_sliding_window" in values:
+        values["use_sliding_window"] = True
+    if "max_window_layers" in values:
+        values["max_window_layers"] = 1  # layer 0 full, the others sliding: a hybrid target
+    windowed_config = type(config)(**values)
+    if getattr(windowed_config, "sliding_window", None) != TINY_WINDOW:
+        return None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        windowed = type(target)(windowed_config).eval()
+    windowed.load_state_dict(target.state_dict())
+    return windowed
+
+
+def _speculative_decode(target: Any, draft: Any) -> str:
+    """A ragged batch decoded greedily; each token must be the target's argmax given the tokens before
+    it, as an uncached forward of the whole sequence sees it. Returns what kind of target it was."""
+    import torch
+
+    from dspark_core.decoding.batched import speculative_generate_batch
+    from dspark_core.decoding.ragged_cache import SLIDING, target_layer_types
+
+    layer_types, window = target_layer_types(target)
+    vocab = int(draft.config.vocab_size)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, vocab - 1, (length,), generator=generator) for length in TINY_DECODE_PROMPTS]
+    results = speculative_generate_batch(
+        target, draft, prompts, max_new_tokens=TINY_DECODE_TOKENS, eos_token_id=[]
+    )
+    for row, result in enumerate(results):
+        sequence = result.sequences.to(next(target.parameters()).device)
+        if sequence.shape[1] != len(prompts[row]) + TINY_DECODE_TOKENS:
+            raise _CheckFailed(f"row {row} decoded {sequence.shape[1] - len(prompts[row])} tokens, not 16")
+        with torch.no_grad():
+            logits = target(sequence).logits[0, len(prompts[row]) - 1 : -1].float()
+        chosen = logits.gather(1, sequence[0, len(prompts[row]) :].unsqueeze(1)).squeeze(1)
+        gap = logits.max(dim=1).values - chosen
+        # Float noise between cached and uncached forwards is ~1e-6; a wrong cache is far off.
+        bad = (gap > 1e-4 * logits.abs().max()).nonzero()
+        if bad.numel():
+            position = int(bad[0, 0])
+            raise _CheckFailed(
+                f"row {row}, new token {position}: the decode chose a token {float(gap[position]):.3g} "
+                "below the target's argmax (the target cache was not cut back correctly)"
+            )
+    if SLIDING not in layer_types:
+        return "full attention"
+    kind = "hybrid" if len(set(layer_types)) > 1 else "every layer"
+    return f"sliding window {window}, {kind}"

@@ -2,10 +2,12 @@
 
 | module | job |
 |---|---|
-| ``speculative`` | the two loops, ``speculative_generate`` and ``plain_generate``, sharing one setup |
+| ``batched`` | the loops over a batch of prompts: ``speculative_generate_batch``, ``plain_generate_batch`` |
+| ``speculative`` | ``speculative_generate`` and ``plain_generate``: a batch of one |
 | ``schedule`` | confidence schedules, one registered class each (torch-free) |
 | ``metrics`` | per-round records, per-generation metrics, their combination |
-| ``target`` | the target behind an HF cache |
+| ``target`` | the target behind its ragged cache: batched feeds, per-row cut-back |
+| ``ragged_cache`` | the target KV cache with one length per row, its masks (full and sliding layers) |
 | ``verify`` | greedy and rejection verification |
 | ``fit`` | ``check_draft_fits_target``, the entry to the draft's own ``check_fits_target`` |
 | ``compare`` / ``plot`` | speculative against plain on a prompt set; ``generate --plot`` |
@@ -19,6 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from dspark_core.decoding.batched import plain_generate_batch, speculative_generate_batch
     from dspark_core.decoding.fit import check_draft_fits_target
     from dspark_core.decoding.metrics import (
         GenerationResult,
@@ -39,6 +42,8 @@ _HOMES = {
     "combine_metrics": "metrics",
     "check_draft_fits_target": "fit",
     "plain_generate": "speculative",
+    "plain_generate_batch": "batched",
+    "speculative_generate_batch": "batched",
     "speculative_generate": "speculative",
 }
 
@@ -50,9 +55,11 @@ __all__ = [
     "check_draft_fits_target",
     "combine_metrics",
     "plain_generate",
+    "plain_generate_batch",
     "register_schedule",
     "schedule_names",
     "speculative_generate",
+    "speculative_generate_batch",
 ]
 
 

@@ -8,8 +8,8 @@ the dtypes and the batch size, not on weight values, so the table is keyed by
 (target config, draft config, device, dtypes, batch size) and cached as JSON: a cached table is
 reused while its key matches, and profiled again (overwriting it) when it does not.
 
-Batch > 1 is the same profile over ``[batch, l + 1]`` verify inputs; each row's schedule then reads
-the table of its batch size.
+Batch > 1 is the same profile over ``[batch, l + 1]`` verify inputs (``batch_size``); the batched
+decoder calls the schedule once per row, which then reads the table of that batch size.
 """
 
 from __future__ import annotations
@@ -239,6 +239,7 @@ def prepare_cost_schedule(
     draft: nn.Module,
     *,
     draft_dir: Path | None,
+    batch_size: int = 1,
     cache_dir: Path | None = None,
     refresh: bool = False,
     **profile_options: Any,
@@ -246,7 +247,9 @@ def prepare_cost_schedule(
     """A ``cost`` schedule made ready to run: STS temperatures from ``draft_dir/sts.json`` (identity
     when there is none, reported) and the cost table of this machine. Other schedules pass through.
 
-    Returns ``(schedule, info)``; ``info`` names the calibration file and holds the cost table.
+    Returns ``(schedule, info)``; ``info`` names the calibration file and holds the cost table. For
+    :func:`~dspark_core.decoding.batched.speculative_generate_batch` pass its ``batch_size``: each row's
+    choice then reads the costs of a verify at that batch size.
     """
     from dspark_core.calibration.files import STS_FILE, read_sts
 
@@ -266,7 +269,7 @@ def prepare_cost_schedule(
             UserWarning,
         )
     table, reused = load_or_profile_costs(
-        target, draft, cache_dir=cache_dir, refresh=refresh, **profile_options
+        target, draft, batch_size=batch_size, cache_dir=cache_dir, refresh=refresh, **profile_options
     )
     info["cost_table"] = {**table.as_dict(), "reused": reused}
     return schedule.with_costs(table.round_seconds()), info

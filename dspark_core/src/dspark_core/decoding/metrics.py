@@ -27,8 +27,8 @@ class RoundRecord:
         target_cache_length: the target cache's length after the crop (``s + a + 1``).
         draft_cache_length: the draft cache's length after the proposal (``s`` when it drafted).
         draft_context_rows: context rows fed to the draft this round.
-        confidence_logits: the raw confidence logits of the drafted slots, before any schedule; empty
-            when the draft has no confidence head.
+        confidence_logits: the raw confidence logits of the drafted slots, before any schedule cut
+            (empty when the draft has no confidence head or did not draft).
     """
 
     index: int

@@ -33,33 +33,89 @@ class DraftKVCache:
 
     Only context rows are appended; a proposal's block keys and values are never stored, so
     after each proposal the cache already holds exactly the committed context.
+
+    Rows of a batch may hold different numbers of context positions (batched decoding, where each
+    row accepts its own number of tokens): row ``i`` holds its first ``row_lengths[i]`` positions and
+    whatever lies past them is stale and masked out. Between :meth:`begin` and :meth:`end` (one
+    ``block_hidden`` call) :meth:`extend` writes each row's new rows right after its own context.
     """
 
     def __init__(self, num_layers: int) -> None:
         self._keys: list[Tensor | None] = [None] * num_layers
         self._values: list[Tensor | None] = [None] * num_layers
+        # None: every row holds the whole stored width (the batch-1 case).
+        self._lengths: Tensor | None = None
+        self._starts: Tensor | None = None
+        self._new_rows: Tensor | None = None
 
     @property
-    def length(self) -> int:
-        """Number of context positions held, which is the position of the next anchor."""
+    def width(self) -> int:
+        """Positions stored per row, stale ones included."""
         keys = self._keys[0]
         return 0 if keys is None else int(keys.shape[2])
 
+    @property
+    def length(self) -> int:
+        """Context positions held (the longest row's), which is the position of the next anchor."""
+        return self.width if self._lengths is None else int(self._lengths.max())
+
+    def row_lengths(self, batch: int, device: torch.device) -> Tensor:
+        """``[batch]`` long: the context positions each row holds."""
+        if self._lengths is not None:
+            if self._lengths.shape[0] != batch:
+                raise ValueError(f"the draft cache holds {self._lengths.shape[0]} rows, not {batch}")
+            return self._lengths.to(device)
+        return torch.full((batch,), self.width, dtype=torch.long, device=device)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether some row holds fewer positions than are stored."""
+        return self._lengths is not None and bool((self._lengths != self.width).any())
+
+    def begin(self, starts: Tensor, new_rows: Tensor) -> None:
+        """Before a forward: row ``i`` writes its new rows at ``starts[i]``; ``new_rows[i]`` of them count."""
+        self._starts, self._new_rows = starts, new_rows
+
+    def end(self) -> None:
+        """After a forward: each row holds its previous context and its counted new rows."""
+        if self._starts is not None and self._new_rows is not None:
+            lengths = self._starts + self._new_rows
+            self._lengths = None if bool((lengths == self.width).all()) else lengths
+        self._starts = self._new_rows = None
+
     def extend(self, layer_index: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Append a layer's new context rows; returns that layer's whole context."""
+        """Append a layer's new context rows; returns that layer's whole context (stale rows included)."""
         old_keys, old_values = self._keys[layer_index], self._values[layer_index]
-        if old_keys is not None and old_values is not None:
+        starts = self._starts
+        if old_keys is None or old_values is None:
+            if starts is not None and bool((starts != 0).any()):
+                raise RuntimeError("a ragged write into an empty draft cache layer")
+        elif starts is None or bool((starts == old_keys.shape[2]).all()):
             keys = torch.cat([old_keys, keys], dim=2)
             values = torch.cat([old_values, values], dim=2)
+        else:
+            keys, values = _write_rows(old_keys, keys, starts), _write_rows(old_values, values, starts)
         self._keys[layer_index], self._values[layer_index] = keys, values
         return keys, values
 
-    def settle_at(self, anchor_position: int) -> None:
-        """After a proposal at ``anchor_position``: hold exactly the context before the anchor.
+    def settle_at(self, anchor_position: int | Tensor) -> None:
+        """After a proposal at ``anchor_position`` (one per row, or one for all): hold exactly the
+        context before the anchor.
 
         A proposal's own block keys and values must not stay, so a cache that kept them is cut
         back; one holding fewer rows means ``propose`` skipped context and decoding cannot go on.
         """
+        if isinstance(anchor_position, Tensor):
+            held = self.row_lengths(anchor_position.shape[0], anchor_position.device)
+            if bool((held < anchor_position).any()):
+                raise RuntimeError(
+                    f"the draft cache holds {held.tolist()} context rows after a proposal at anchor "
+                    f"positions {anchor_position.tolist()}; propose() must append every new context row"
+                )
+            if bool((held > anchor_position).any()):
+                self._lengths = anchor_position.clone()
+                self.crop(int(anchor_position.max()))
+            return
         if self.length < anchor_position:
             raise RuntimeError(
                 f"the draft cache holds {self.length} context rows after a proposal at anchor position "
@@ -69,12 +125,56 @@ class DraftKVCache:
             self.crop(anchor_position)
 
     def crop(self, length: int) -> None:
-        """Keep the first ``length`` context positions."""
+        """Keep the first ``length`` context positions (of every row)."""
         if length < 0 or length > self.length:
             raise ValueError(f"cannot crop a draft cache of length {self.length} to {length}")
         for i, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
             if keys is not None and values is not None:
                 self._keys[i], self._values[i] = keys[:, :, :length], values[:, :, :length]
+        if self._lengths is not None:
+            self._lengths = self._lengths.clamp_max(length)
+            if bool((self._lengths == self.width).all()):
+                self._lengths = None
+
+    def add_rows(self, existing: int, count: int) -> None:
+        """``count`` empty rows join after the ``existing`` ones (prompts joining a running batch)."""
+        keys = self._keys[0]
+        device = keys.device if keys is not None else torch.device("cpu")
+        held = self.row_lengths(existing, device)
+        for i, (stored_keys, stored_values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if stored_keys is not None and stored_values is not None:
+                pad = stored_keys.new_zeros((count, *stored_keys.shape[1:]))
+                self._keys[i] = torch.cat([stored_keys, pad])
+                self._values[i] = torch.cat([stored_values, pad.to(stored_values.dtype)])
+        lengths = torch.cat([held, torch.zeros(count, dtype=torch.long, device=device)])
+        self._lengths = None if bool((lengths == self.width).all()) else lengths
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only the batch rows ``rows`` (finished rows leave the batch)."""
+        for i, (keys, values) in enumerate(zip(self._keys, self._values, strict=True)):
+            if keys is not None and values is not None:
+                self._keys[i] = keys.index_select(0, rows.to(keys.device))
+                self._values[i] = values.index_select(0, rows.to(values.device))
+        if self._lengths is not None:
+            self._lengths = self._lengths.index_select(0, rows.to(self._lengths.device))
+            if bool((self._lengths == self.width).all()):
+                self._lengths = None
+
+
+def _write_rows(stored: Tensor, new: Tensor, starts: Tensor) -> Tensor:
+    """``stored [b, h, C, d]`` widened to ``max(starts) + R``, with row ``i``'s ``R`` new positions
+    written from ``starts[i]`` on."""
+    batch, heads, rows, dim = new.shape
+    width = int(starts.max()) + rows
+    if stored.shape[2] >= width:
+        out = stored[:, :, :width].clone()
+    else:
+        pad = stored.new_zeros(batch, heads, width - stored.shape[2], dim)
+        out = torch.cat([stored, pad], dim=2)
+    index = (starts.to(new.device).view(batch, 1) + torch.arange(rows, device=new.device)).view(
+        batch, 1, rows, 1
+    )
+    return out.scatter_(2, index.expand(batch, heads, rows, dim), new.to(out.dtype))
 
 
 @dataclass
@@ -434,10 +534,20 @@ class DSparkDraftModel(PreTrainedModel):
         """An empty context cache for :meth:`propose`."""
         return DraftKVCache(len(self.layers))
 
-    def block_hidden(self, anchor_tokens: Tensor, context_features: Tensor, cache: DraftKVCache) -> Tensor:
+    def block_hidden(
+        self,
+        anchor_tokens: Tensor,
+        context_features: Tensor,
+        cache: DraftKVCache,
+        context_rows: Tensor | None = None,
+    ) -> Tensor:
         """Decode-time block forward: append the new context rows to ``cache``, then run the block
         ``[x_s, MASK, ...]`` at positions ``s..s+B-1`` (``s`` = context length) over all cached
-        context and the whole block. Returns the final hidden states ``[b, B, H]``."""
+        context and the whole block. Returns the final hidden states ``[b, B, H]``.
+
+        ``context_rows [b]`` (batched decoding) says how many of the ``context_features`` rows count
+        for each row; the rest is padding. Rows may then hold contexts of different lengths, and each
+        row's block sits right after its own context."""
         if anchor_tokens.dim() != 1:
             raise ValueError(f"anchor_tokens must be [batch], got shape {tuple(anchor_tokens.shape)}")
         batch = anchor_tokens.shape[0]
@@ -453,16 +563,50 @@ class DSparkDraftModel(PreTrainedModel):
             )
         block_size = int(self.config.block_size)
         device = anchor_tokens.device
-        start = cache.length
         new_rows = context_features.shape[1]
+        starts = cache.row_lengths(batch, device)
+        counts = (
+            torch.full((batch,), new_rows, dtype=torch.long, device=device)
+            if context_rows is None
+            else context_rows.to(device=device, dtype=torch.long)
+        )
         context = self.encode_context(context_features)
-        context_positions = torch.arange(start, start + new_rows, device=device).expand(batch, new_rows)
-        anchor = start + new_rows
+        anchor = starts + counts
+        context_positions = _row_positions(starts, new_rows)
         block_ids = torch.full((batch, block_size), int(self.config.mask_token_id), device=device)
         block_ids[:, 0] = anchor_tokens
-        block_positions = torch.arange(anchor, anchor + block_size, device=device).expand(batch, block_size)
+        block_positions = _row_positions(anchor, block_size)
         hidden = self.embed_tokens(block_ids).to(context.dtype)
-        return self.run_layers(hidden, context, block_positions, context_positions, None, cache)
+        stored = int(starts.max()) + new_rows if batch else new_rows
+        mask = None
+        if bool((anchor != stored).any()):
+            # Some row's context is shorter than what is stored: its stale positions are masked out.
+            mask = self._ragged_context_mask(anchor, stored, block_size, hidden.dtype)
+        cache.begin(starts, counts)
+        try:
+            return self.run_layers(hidden, context, block_positions, context_positions, mask, cache)
+        finally:
+            cache.end()
+
+    def _ragged_context_mask(self, context_lengths: Tensor, stored: int, block_size: int, dtype: Any) -> Any:
+        """The block attends to each row's own context (its first ``context_lengths`` of ``stored``
+        positions) and to the whole block."""
+        batch = context_lengths.shape[0]
+        device = context_lengths.device
+        visible = torch.arange(stored + block_size, device=device).view(1, -1) < context_lengths.view(-1, 1)
+        visible[:, stored:] = True
+        if self.attention_implementation == "flex_attention":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+                return visible[b, kv]
+
+            return create_block_mask(
+                mask_mod, batch, None, block_size, stored + block_size, device=str(device)
+            )
+        additive = torch.zeros(visible.shape, dtype=dtype, device=device)
+        additive.masked_fill_(~visible, torch.finfo(dtype).min)
+        return additive.view(batch, 1, 1, -1).expand(batch, 1, block_size, -1)
 
     @torch.no_grad()
     def propose(
@@ -476,14 +620,17 @@ class DSparkDraftModel(PreTrainedModel):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        context_rows: Tensor | None = None,
     ) -> BlockProposal:
         """Propose up to ``block_size`` tokens after ``anchor_tokens``, sampled serially through the
-        Markov head (``prev_0 = x_s``, ``prev_k = d_{k-1}``), with their distributions ``q``."""
+        Markov head (``prev_0 = x_s``, ``prev_k = d_{k-1}``), with their distributions ``q``.
+
+        ``context_rows`` is :meth:`block_hidden`'s: per batch row, how many new context rows count."""
         block_size = int(self.config.block_size)
         slots = block_size if num_slots is None else int(num_slots)
         if not 1 <= slots <= block_size:
             raise ValueError(f"num_slots must lie in [1, block_size={block_size}], got {slots}")
-        hidden = self.block_hidden(anchor_tokens, context_features, cache)[:, :slots]
+        hidden = self.block_hidden(anchor_tokens, context_features, cache, context_rows)[:, :slots]
         if self.markov_head is not None:
             tokens, probs, logits = self.markov_head.sample_block(
                 hidden,
@@ -502,6 +649,16 @@ class DSparkDraftModel(PreTrainedModel):
         return BlockProposal(
             tokens=tokens, probs=probs, logits=logits, confidence=self._confidence(hidden, previous)
         )
+
+
+def _row_positions(starts: Tensor, count: int) -> Tensor:
+    """``[b, count]``: ``starts[i] + 0 .. count - 1`` per row."""
+    batch = starts.shape[0]
+    if batch and bool((starts == starts[0]).all()):
+        # One row of positions for all (the batch-1 case): the rotary tables keep their exact bits.
+        first = int(starts[0])
+        return torch.arange(first, first + count, device=starts.device).expand(batch, count)
+    return starts.view(batch, 1) + torch.arange(count, device=starts.device)
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
