@@ -398,3 +398,22 @@ def test_generate_with_the_cost_schedule(
         assert payload["settings"]["schedule"] == "cost"
         assert info["cost_table"]["reused"] is reused and len(info["cost_table"]["verify_s"]) == 5
         assert payload["summary"]["baseline_matches"] == {"identical": 1, "compared": 1}
+
+
+def test_cost_schedule_in_batched_decoding_keeps_greedy_exact(tmp_path: Path) -> None:
+    from dspark_core.decoding.batched import plain_generate_batch, speculative_generate_batch
+
+    target, draft = tiny_pair()
+    folder = tmp_path / "draft"
+    folder.mkdir()
+    write_sts(folder / STS_FILE, StsFile((0.5, 1.5, 2.0)))
+    schedule, info = prepare_cost_schedule(
+        ConfidenceSchedule("cost"), target, draft, draft_dir=folder, batch_size=3, cache_dir=tmp_path,
+        context_tokens=16, repeats=2,
+    )  # fmt: skip
+    assert info["cost_table"]["key"]["batch_size"] == 3
+    prompts = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10, 11, 12]]
+    options: dict[str, Any] = {"max_new_tokens": 14, "eos_token_id": []}
+    spec = speculative_generate_batch(target, draft, prompts, schedule=schedule, **options)
+    plain = plain_generate_batch(target, prompts, **options)
+    assert [r.new_tokens for r in spec] == [r.new_tokens for r in plain]
