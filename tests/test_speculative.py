@@ -170,10 +170,17 @@ def tokens(result: GenerationResult) -> list[int]:
 # -- greedy is exact --------------------------------------------------------------------------
 
 
+#: a cost schedule whose choices vary with the confidences (rounds get dearer with length), with STS
+#: temperatures; lengths up to 6 slots are costed
+COST_SCHEDULE = ConfidenceSchedule(
+    "cost", temperatures=(0.7, 1.3, 1.0, 2.0, 0.5), round_seconds=(1.0, 1.3, 1.6, 1.9, 2.2, 2.5, 2.8)
+)
+
 SCHEDULES = (
     ConfidenceSchedule(),
     ConfidenceSchedule("position", 0.5),
     ConfidenceSchedule("product", 0.3),
+    COST_SCHEDULE,
 )
 
 
@@ -246,6 +253,7 @@ def test_greedy_is_exact_across_random_configs(
         st.one_of(
             st.just(ConfidenceSchedule()),
             st.builds(ConfidenceSchedule, st.sampled_from(["position", "product"]), st.floats(0.0, 1.0)),
+            st.just(COST_SCHEDULE),
         )
     )
     ids = torch.tensor([data.draw(st.lists(st.integers(0, 22), min_size=1, max_size=12))])
@@ -326,15 +334,22 @@ def skewed_draft(target: Qwen3ForCausalLM, block_size: int) -> Qwen3DSparkModel:
     return draft
 
 
+#: a cost schedule for 2-slot drafts whose choice (0, 1 or 2 slots) follows the sharpened confidences
+SAMPLING_COST_SCHEDULE = ConfidenceSchedule("cost", temperatures=(0.1, 0.1), round_seconds=(1.0, 1.2, 1.45))
+
+
 @pytest.mark.parametrize(
-    ("case", "sampling"),
+    ("case", "sampling", "schedule"),
     [
-        ("oracle", {"temperature": 1.0}),
-        ("skewed", {"temperature": 1.0}),
-        ("skewed", {"temperature": 0.7, "top_k": 5, "top_p": 0.9}),
+        ("oracle", {"temperature": 1.0}, None),
+        ("skewed", {"temperature": 1.0}, None),
+        ("skewed", {"temperature": 0.7, "top_k": 5, "top_p": 0.9}, None),
+        ("skewed", {"temperature": 1.0}, SAMPLING_COST_SCHEDULE),
     ],
 )
-def test_sampling_matches_the_target_distribution(case: str, sampling: dict[str, Any]) -> None:
+def test_sampling_matches_the_target_distribution(
+    case: str, sampling: dict[str, Any], schedule: ConfidenceSchedule | None
+) -> None:
     target = make_target(vocab=SAMPLING_VOCAB, seed=21, bigram=case == "oracle", sharpness=12.0)
     draft = make_oracle(target, block_size=2) if case == "oracle" else skewed_draft(target, block_size=2)
     ids = prompt(4, SAMPLING_VOCAB, 9)
@@ -342,13 +357,26 @@ def test_sampling_matches_the_target_distribution(case: str, sampling: dict[str,
 
     counts: Counter[tuple[int, ...]] = Counter()
     first_round: Counter[int] = Counter()
+    lengths: Counter[int] = Counter()
     for seed in range(SAMPLING_RUNS):
         result = speculative_generate(
-            target, draft, ids, max_new_tokens=4, seed=seed, eos_token_id=[], check_fit=seed == 0, **sampling
+            target,
+            draft,
+            ids,
+            max_new_tokens=4,
+            seed=seed,
+            eos_token_id=[],
+            check_fit=seed == 0,
+            schedule=schedule,
+            **sampling,
         )
         # Budget 4 lets round 1 draft 2 slots, so tokens 2 and 3 can both be accepted proposals.
         counts[tuple(result.new_tokens[:3])] += 1
         first_round[result.metrics.accepted_per_round[0]] += 1
+        lengths[result.metrics.proposed_per_round[0]] += 1
+    if schedule is not None:
+        # The schedule cut proposals to different lengths, so the test covers its truncation.
+        assert len(lengths) >= 2, f"the cost schedule always chose the same length: {lengths}"
 
     p_value = chi_square_p_value(counts, expected, SAMPLING_RUNS)
     assert p_value > ALPHA, f"sampled first tokens differ from the target's distribution (p={p_value:.2e})"
@@ -575,12 +603,42 @@ def test_schedule_lengths() -> None:
     assert ConfidenceSchedule("position", 0.5).proposal_length(conf, 2) == 2
 
 
+def test_cost_schedule_lengths() -> None:
+    # Survival 0.9, 0.72, 0.288, 0.2736: expected tokens 1, 1.9, 2.62, 2.908, 3.1816 for l = 0..4.
+    conf = torch.logit(torch.tensor([0.9, 0.8, 0.4, 0.95]))
+    flat = ConfidenceSchedule("cost").with_costs([1.0] * 5)
+    assert flat.proposal_length(conf, 4) == 4  # verifying is free: take everything
+    steep = ConfidenceSchedule("cost").with_costs([1.0, 1.5, 2.0, 2.5, 3.0])
+    # rates 1, 1.267, 1.31, 1.163, 1.061: two slots
+    assert steep.proposal_length(conf, 4) == 2
+    dear = ConfidenceSchedule("cost").with_costs([1.0, 4.0, 4.0, 4.0, 4.0])
+    assert dear.proposal_length(conf, 4) == 0
+    # Temperatures reshape the survival: a hot first slot (T=10) gives sigmoid(logit(0.9)/10) ~ 0.55.
+    hot = steep.with_calibration([10.0])
+    assert hot.proposal_length(conf, 4) == 1
+    with pytest.raises(DraftConfigError, match="round costs"):
+        ConfidenceSchedule("cost").with_costs([1.0, 1.0]).proposal_length(conf, 4)
+    with pytest.raises(ValueError, match="> 0"):
+        ConfidenceSchedule("cost", round_seconds=(1.0, 0.0))
+
+
+def test_cost_schedule_without_costs_is_an_error() -> None:
+    target = make_target()
+    draft = make_draft(target, block_size=4)
+    with pytest.raises(DraftConfigError, match="round at every length"):
+        speculative_generate(
+            target, draft, prompt(3, 32, 0), max_new_tokens=4, schedule=ConfidenceSchedule.parse("cost")
+        )
+
+
 def test_schedule_parsing() -> None:
     assert ConfidenceSchedule.parse("off") == ConfidenceSchedule()
+    assert ConfidenceSchedule.parse("cost") == ConfidenceSchedule("cost")
+    assert ConfidenceSchedule.parse("cost").describe() == "cost"
     assert ConfidenceSchedule.parse("position:0.5") == ConfidenceSchedule("position", 0.5)
     assert ConfidenceSchedule.parse(" product:0.3 ") == ConfidenceSchedule("product", 0.3)
     assert ConfidenceSchedule.parse("product:0.3").describe() == "product:0.3"
-    for bad in ("on", "position", "position:x", "product:1.5", "off:0.2", "position:-0.1"):
+    for bad in ("on", "position", "position:x", "product:1.5", "off:0.2", "position:-0.1", "cost:0.5"):
         with pytest.raises(ValueError):
             ConfidenceSchedule.parse(bad)
 
@@ -891,4 +949,4 @@ def test_a_schedule_registered_by_name_is_listed_parsed_and_used() -> None:
 def test_schedule_module_imports_no_torch() -> None:
     code = "import sys, dspark_core.decoding.schedule as s; print(s.schedule_names(), 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.strip() == "('off', 'position', 'product') False"
+    assert done.stdout.strip() == "('off', 'position', 'product', 'cost') False"

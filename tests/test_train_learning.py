@@ -93,6 +93,12 @@ def test_loss_falls_and_tau_rises_on_the_tiny_target(demo_run: Path) -> None:
     evaluated = [r for r in records if "eval_tau_pooled" in r]
     assert [r["step"] for r in evaluated] == [30, 60]
     assert all(r["eval_tau_pooled"] >= 1.0 for r in evaluated)
+    # The held-out calibration of the confidence head: the running product's ECE at each position.
+    for record in evaluated:
+        ece = {k: v for k, v in record.items() if k.startswith("eval_running_product_ece@")}
+        assert list(ece) == [f"eval_running_product_ece@{k}" for k in range(4)]
+        assert ece["eval_running_product_ece@0"] is not None
+        assert all(v is None or 0.0 <= v <= 1.0 for v in ece.values())
 
 
 def test_demo_data_is_the_targets_own_output_and_the_export_loads(demo_run: Path) -> None:

@@ -48,6 +48,10 @@ class DraftFamilyError(DraftConfigError):
     """A saved draft of one family is being loaded for a target (or as a class) of another."""
 
 
+class CalibrationError(DSparkError, ValueError):
+    """A calibration file (``sts.json``, ``dspark_calibration.json``) or cost table that cannot be used."""
+
+
 class DSparkPluginWarning(UserWarning):
     """A plugin was skipped (failed to load, or was named in a selection variable but not found)."""
 

@@ -30,6 +30,7 @@ COMMANDS: list[tuple[str, tuple[str, ...], str]] = [
     ("regenerate", (), "dspark_core.cli.regenerate"),
     ("verify", (), "dspark_core.cli.verify"),
     ("check-draft", (), "dspark_core.cli.check_draft"),
+    ("calibrate", (), "dspark_core.cli.calibrate"),
     ("plot", (), "dspark_core.cli.plot"),
     ("make-tiny-target", (), "dspark_core.cli.make_tiny_target"),
 ]

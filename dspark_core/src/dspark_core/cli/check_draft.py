@@ -87,7 +87,7 @@ def _check_target_family(draft_config: dict[str, Any], target: str, draft_dir: P
     )
 
 
-def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
+def _print_text(payload: dict[str, Any], verdicts: list[Any], calibration: list[str]) -> None:
     width = max(len(f"{v.engine} {v.version}") for v in verdicts if v.engine != "dspark") + 2
     for verdict in verdicts:
         label = "dspark" if verdict.engine == "dspark" else f"{verdict.engine} {verdict.version}"
@@ -107,6 +107,7 @@ def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
         print(f"serve with {name} {serving['release']}: {serving['command']}")
         for note in serving.get("notes", []):
             print(f"    {note}")
+    print("\n".join(calibration))
     print(payload["nemo"])
     print(
         "Shown: refusing, unverified and informational rules; --json lists every rule applied, with its "
@@ -114,7 +115,12 @@ def _print_text(payload: dict[str, Any], verdicts: list[Any]) -> None:
     )
 
 
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def run(args: argparse.Namespace) -> int:
+    from dspark_core.calibration.serving import calibration_status, status_lines
     from dspark_core.errors import DraftConfigError
     from dspark_core.model_dirs import require_model_dir
     from dspark_core.serving import NEMO_NOTE, Release, check_draft, read_draft_dir
@@ -134,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         verdict = by_key[key]
         if verdict.ok:
             serving[key] = build(folder, facts, Release.parse(verdict.version), args.target)
+    speculative = serving["vllm"]["speculative_config"] if serving["vllm"] else None
+    calibration = calibration_status(folder, _int_or_none(facts.get("block_size")), speculative)
     payload = {
         "schema_version": SCHEMA_VERSION,
         "draft": str(folder),
@@ -141,12 +149,13 @@ def run(args: argparse.Namespace) -> int:
         "releases": {v.key: v.version for v in verdicts if v.key != "dspark"},
         "verdicts": [v.to_dict() for v in verdicts],
         "serving": serving,
-        "vllm_speculative_config": serving["vllm"]["speculative_config"] if serving["vllm"] else None,
+        "vllm_speculative_config": speculative,
         "nemo": NEMO_NOTE,
+        "calibration": calibration.to_dict(),
     }
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        _print_text(payload, verdicts)
+        _print_text(payload, verdicts, status_lines(calibration))
     required = ["dspark", *args.require]
     return 0 if all(by_key[key].ok for key in required) else 1

@@ -289,10 +289,13 @@ def _decode_prompts(
         "top_p": args.top_p,
         "eos_token_id": args.eos_token_id,
     }
-    spec_options = {
-        "schedule": ConfidenceSchedule.parse(args.schedule),
-        "proposal_length": args.proposal_length,
-    }
+    from dspark_core.decoding.costs import prepare_cost_schedule
+
+    # `cost` needs this machine's cost table and the draft folder's calibration (sts.json).
+    schedule, args.schedule_info = prepare_cost_schedule(
+        ConfidenceSchedule.parse(args.schedule), target, draft, draft_dir=Path(args.draft)
+    )
+    spec_options = {"schedule": schedule, "proposal_length": args.proposal_length}
     # One short untimed run of each path first, so one-time setup is not billed to the first prompt.
     warmup = min(_WARMUP_TOKENS, args.max_new_tokens)
     speculative_generate(
@@ -378,6 +381,7 @@ def run(args: argparse.Namespace) -> int:
             "top_p": args.top_p,
             "seed": args.seed,
             "schedule": schedule.describe(),
+            "schedule_info": getattr(args, "schedule_info", {}),
             "proposal_length": args.proposal_length or int(models[1].config.block_size),
             "device": str(device),
             "dtype": str(dtype).removeprefix("torch."),

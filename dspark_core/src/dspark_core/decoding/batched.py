@@ -127,6 +127,12 @@ def checked_proposal_options(
             f"schedule {schedule.describe()!r} needs a confidence head, but the draft has none "
             "(enable_confidence_head=False); use schedule 'off'"
         )
+    if schedule.needs_costs and len(schedule.round_seconds) <= proposal_length:
+        raise DraftConfigError(
+            f"schedule {schedule.describe()!r} needs the seconds of a round at every length "
+            f"0..{proposal_length}, got {len(schedule.round_seconds)}: build it with "
+            "dspark_core.decoding.costs.prepare_cost_schedule (or ConfidenceSchedule.with_costs)"
+        )
     return proposal_length, schedule
 
 

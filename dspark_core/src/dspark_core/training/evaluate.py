@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dspark_core.calibration.metrics import position_figures
+from dspark_core.calibration.records import CalibrationRecords
 from dspark_core.datagen.demo import DEMO_DATA_NAME, demo_prompts
 from dspark_core.training.config import TrainConfig
 from dspark_core.training.data import DatasetError, encode_prompt, prompt_turns, read_jsonl
@@ -67,6 +69,7 @@ class Evaluator:
             # Decoding calls the layers directly, so the root's own parameters must be gathered first.
             draft.unshard()
         results = []
+        records = CalibrationRecords(block_size=int(draft.config.block_size))
         try:
             with torch.no_grad():
                 for i, prompt in enumerate(prompts):
@@ -77,6 +80,7 @@ class Evaluator:
                         max_new_tokens=self.config.eval_max_new_tokens,
                         temperature=self.config.eval_temperature,
                         seed=rank_seed(self.config.seed, i, "eval"),
+                        on_round=records.add_round,
                     )
                     results.append(result.metrics)
         finally:
@@ -86,6 +90,9 @@ class Evaluator:
         gathered = (
             results if self.fsdp else [m for part in self.ctx.all_gather_objects(results) for m in part]
         )
+        if not self.fsdp:
+            samples = [s for part in self.ctx.all_gather_objects(records.samples) for s in part]
+            records = CalibrationRecords(records.block_size, samples)
         # Named as in dspark_core.decoding.figures, with the eval_ prefix (runs before them logged eval_tau).
         combined = combine_metrics(gathered)
         requests = [m.request_rounds() for m in gathered]
@@ -96,4 +103,15 @@ class Evaluator:
         }
         for i, rate in enumerate(figures.accept_rates(requests)):
             out[f"eval_accept_rate@{i}"] = rate
+        out.update(running_product_ece(records))
         return out
+
+
+def running_product_ece(records: CalibrationRecords) -> dict[str, float | None]:
+    """``eval_running_product_ece@k``: the ECE of the uncalibrated running product of the confidence head's
+    sigmoids at position k against "the first k+1 proposals were accepted", over the held-out rounds that
+    verified slot k (``None`` without such a round). Empty for a draft without a confidence head."""
+    if not records.samples:
+        return {}
+    per_position = position_figures(records, [1.0] * records.block_size)
+    return {f"eval_running_product_ece@{f.position}": (f.ece if f.samples else None) for f in per_position}

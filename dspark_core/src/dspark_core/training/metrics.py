@@ -12,7 +12,8 @@ proxy per slot ``alpha@k``, ``tau_proxy``, confidence calibration: teacher-force
 training rows, not decoding) are pooled over the window as the ratio of summed
 numerators to summed denominators, already summed across ranks by the objective. ``tokens`` counts
 the non-padding tokens every rank read in the window, ``peak_memory_mb`` is the largest peak over
-ranks. Evaluation results (``eval_tau_pooled``, ``eval_accept_rate@i``, ...) join the line of their step.
+ranks. Evaluation results (``eval_tau_pooled``, ``eval_accept_rate@i``, ``eval_running_product_ece@k``:
+the held-out ECE of the running product of confidences, per position, ...) join the line of their step.
 ``tokens_per_s`` leaves out the time spent saving checkpoints and evaluating.
 
 Reading the file (:func:`read_metrics`) needs no torch; the accumulator imports it when built.
