@@ -302,6 +302,7 @@ def test_json_schema_is_stable(capsys: pytest.CaptureFixture[str], tmp_path: Pat
         "serving",
         "vllm_speculative_config",
         "nemo",
+        "calibration",
     ]
     assert payload["schema_version"] == 2
     for verdict in payload["verdicts"]:
