@@ -125,7 +125,7 @@ class FakeEngine:
             (ids,), _ = generate_response_ids(self.target, self.tokenizer, [request["messages"]], sampling)
         stopped = len(ids) < sampling.max_new_tokens
         # vLLM's token ids end with the eos token when generation stopped there.
-        returned = ids + [self.eos[0]] if stopped else ids
+        returned = [*ids, self.eos[0]] if stopped else ids
         choice: dict[str, Any] = {
             "index": 0,
             "message": {"role": "assistant", "content": self.tokenizer.decode(ids, skip_special_tokens=True)},
@@ -208,7 +208,9 @@ def test_server_rows_equal_the_in_process_rows(
 ) -> None:
     expected = in_process(target, tokenizer, input_file, tmp_path / "local.jsonl")
     with engine(target, tokenizer) as fake:
-        stats = via_server(fake.url, target_dir, tokenizer, input_file, tmp_path / "served.jsonl", concurrency=3)
+        stats = via_server(
+            fake.url, target_dir, tokenizer, input_file, tmp_path / "served.jsonl", concurrency=3
+        )
     # Same rows, same order, same text and the same ids (the eos the engine returned cut off).
     assert read_output(tmp_path / "served.jsonl") == expected
     assert stats.rows_written == 6 and stats.rows_skipped_no_prompt == 1 and stats.turns_generated == 7
@@ -222,7 +224,15 @@ def test_the_cli_resumes_a_server_run_where_it_stopped(
     expected = in_process(target, tokenizer, input_file, tmp_path / "local.jsonl")
     output = tmp_path / "served.jsonl"
     with engine(target, tokenizer) as fake:
-        args = ["regenerate", "--target", str(target_dir), "--input", str(input_file), "--output", str(output)]
+        args = [
+            "regenerate",
+            "--target",
+            str(target_dir),
+            "--input",
+            str(input_file),
+            "--output",
+            str(output),
+        ]
         args += ["--server", fake.url, "--max-new-tokens", str(MAX_NEW), "--no-progress"]
         assert cli_main([*args, "--limit", "2"]) == 0
         first = fake.behaviour.chat_requests
@@ -249,9 +259,9 @@ def test_a_row_that_keeps_failing_is_reported_and_the_others_are_kept(
 ) -> None:
     expected = in_process(target, tokenizer, input_file, tmp_path / "local.jsonl")
     output = tmp_path / "out.jsonl"
-    with engine(target, tokenizer, always_fail_content="Why is the sky blue?") as fake:
-        with pytest.raises(RegenerateFailedError) as caught:
-            via_server(fake.url, target_dir, tokenizer, input_file, output, concurrency=2, retries=2)
+    failing = engine(target, tokenizer, always_fail_content="Why is the sky blue?")
+    with failing as fake, pytest.raises(RegenerateFailedError) as caught:
+        via_server(fake.url, target_dir, tokenizer, input_file, output, concurrency=2, retries=2)
     message = str(caught.value)
     assert f"{input_file}:5: HTTP 500" in message and "(after 3 tries)" in message
     assert "1 rows failed; 5 rows were written" in message
@@ -275,8 +285,26 @@ def test_a_bad_request_is_not_retried_and_the_cli_reports_it_per_row(
     output = tmp_path / "out.jsonl"
     with engine(target, tokenizer, bad_request_content="Name a fruit.") as fake:
         code = cli_main(
-            ["regenerate", "--target", str(target_dir), "--input", str(input_file), "--output", str(output)]
-            + ["--server", fake.url, "--max-new-tokens", str(MAX_NEW), "--no-progress", "--concurrency", "1"]
+            [
+                *(
+                    "regenerate",
+                    "--target",
+                    str(target_dir),
+                    "--input",
+                    str(input_file),
+                    "--output",
+                    str(output),
+                ),
+                *(
+                    "--server",
+                    fake.url,
+                    "--max-new-tokens",
+                    str(MAX_NEW),
+                    "--no-progress",
+                    "--concurrency",
+                    "1",
+                ),
+            ]
         )
         requests = fake.behaviour.chat_requests
     err = capsys.readouterr().err
@@ -314,7 +342,9 @@ def test_replies_without_token_ids_are_retokenised_with_one_warning(
 ) -> None:
     warnings: list[str] = []
     with engine(target, tokenizer, return_token_ids=False) as fake:
-        stats = via_server(fake.url, target_dir, tokenizer, input_file, tmp_path / "out.jsonl", warn=warnings.append)
+        stats = via_server(
+            fake.url, target_dir, tokenizer, input_file, tmp_path / "out.jsonl", warn=warnings.append
+        )
     assert stats.responses_retokenised == 7
     assert len(warnings) == 1 and "re-tokenising" in warnings[0]
     for record in read_output(tmp_path / "out.jsonl"):
@@ -331,13 +361,21 @@ def test_sampling_options_and_per_row_seeds_reach_the_server(
             server = ChatServer(fake.url, model="tiny")
             sampling = SamplingConfig(max_new_tokens=MAX_NEW, temperature=0.7, top_p=0.9, top_k=20, seed=seed)
             regenerate_via_server(
-                server, tokenizer, input_file, tmp_path / f"{seed}-{len(list(tmp_path.iterdir()))}.jsonl",
-                eos_ids=[], sampling=sampling, concurrency=2, progress=False,
+                server,
+                tokenizer,
+                input_file,
+                tmp_path / f"{seed}-{len(list(tmp_path.iterdir()))}.jsonl",
+                eos_ids=[],
+                sampling=sampling,
+                concurrency=2,
+                progress=False,
             )
         return sorted(fake.behaviour.seen, key=lambda r: json.dumps(r["messages"]))
 
     first, again, other = asked(1), asked(1), asked(2)
-    assert {(r["temperature"], r["top_p"], r["top_k"], r["max_tokens"]) for r in first} == {(0.7, 0.9, 20, MAX_NEW)}
+    assert {(r["temperature"], r["top_p"], r["top_k"], r["max_tokens"]) for r in first} == {
+        (0.7, 0.9, 20, MAX_NEW)
+    }
     assert len({r["seed"] for r in first}) == 7  # a seed per row and turn
     assert [r["seed"] for r in first] == [r["seed"] for r in again]
     assert [r["seed"] for r in first] != [r["seed"] for r in other]
@@ -350,4 +388,3 @@ def test_server_urls_are_normalised_and_bad_ones_refused() -> None:
         ChatServer("127.0.0.1:8000")
     with pytest.raises(ServerError):
         ChatServer("http://127.0.0.1:9/v1", retries=0).model  # noqa: B018
-
