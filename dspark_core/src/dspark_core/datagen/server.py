@@ -269,6 +269,7 @@ class _RowAnswerer:
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(eos_ids)
         self.chat_template_kwargs = chat_template_kwargs
+        self._tokenizer_lock = threading.Lock()
 
     def __call__(self, index: int, row: ChatRow) -> _RowAnswer:
         plan = conversation_plan(row)
@@ -293,7 +294,8 @@ class _RowAnswerer:
 
     def _response_ids(self, reply: ChatReply) -> list[int]:
         if reply.token_ids is None:
-            return [int(t) for t in self.tokenizer.encode(reply.text, add_special_tokens=False)]
+            with self._tokenizer_lock:  # one tokenizer shared by the pool's threads
+                return [int(t) for t in self.tokenizer.encode(reply.text, add_special_tokens=False)]
         ids = list(reply.token_ids)
         # The engine's ids end with the end-of-sequence token when it stopped there; the in-process
         # path cuts before it, and the trainer's template adds its own end of turn.
@@ -404,9 +406,18 @@ def regenerate_via_server(
                     run.commit(written)
                 elapsed = time.perf_counter() - started
                 run.bar.set_postfix_str(f"{server.requests / max(elapsed, 1e-9):.1f} req/s", refresh=False)
-        finally:
-            # Ctrl-C or an error: drop what has not started, finished rows are already on disk.
-            pool.shutdown(wait=True, cancel_futures=True)
+        except BaseException:
+            # Ctrl-C or an error: keep the rows that finished behind an unfinished one (resuming skips
+            # exactly the rows on disk, in any order), and do not wait for the requests in flight.
+            saved = 0
+            for index, row, future in window:
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    run.write(index, row, future.result().messages)
+                    saved += 1
+            run.commit(saved)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
     stats.requests = server.requests
     stats.retries = server.retried
     if stats.failures:
