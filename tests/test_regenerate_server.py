@@ -9,7 +9,10 @@ per-row error report. The real engine (vLLM) is exercised by the ``engine`` nox 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -58,6 +61,10 @@ class Behaviour:
     drop_first: int = 0  # then the next N lose their connection without an answer
     always_fail_content: str | None = None  # a user turn with this text always gets HTTP 500
     bad_request_content: str | None = None  # ... or HTTP 400 (not retried)
+    hang_content: str | None = None  # a user turn with this text waits for `release`
+    interrupt_after: int = 0  # ... and SIGINTs this process once this many other requests are answered
+    release: threading.Event = field(default_factory=threading.Event)
+    answered: int = 0
     chat_requests: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
 
@@ -120,6 +127,15 @@ class FakeEngine:
             return 500, {"error": {"message": "engine crashed on this prompt"}}
         if b.bad_request_content is not None and last_user == b.bad_request_content:
             return 400, {"error": {"message": "prompt too long"}}
+        if b.hang_content is not None and last_user == b.hang_content:
+            while True:
+                with self.lock:
+                    if b.answered >= b.interrupt_after:
+                        break
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+            b.release.wait(timeout=60)
+            return 503, {"error": {"message": "gave up"}}
         sampling = SamplingConfig(max_new_tokens=request["max_tokens"], temperature=request["temperature"])
         with self.lock:
             (ids,), _ = generate_response_ids(self.target, self.tokenizer, [request["messages"]], sampling)
@@ -133,6 +149,8 @@ class FakeEngine:
         }
         if b.return_token_ids and request.get("return_token_ids"):
             choice["token_ids"] = returned
+        with self.lock:
+            b.answered += 1
         return 200, {"choices": [choice], "usage": {"completion_tokens": len(returned)}}
 
     def __enter__(self) -> FakeEngine:
@@ -311,6 +329,29 @@ def test_a_bad_request_is_not_retried_and_the_cli_reports_it_per_row(
     assert code == 1
     assert f"{input_file}:6: HTTP 400" in err and "prompt too long" in err and "Traceback" not in err
     assert requests == 7  # asked once: a 400 is the request's fault, asking again cannot help
+
+
+def test_ctrl_c_keeps_the_rows_that_finished_behind_an_unfinished_one(
+    target: Any, tokenizer: Any, target_dir: Path, input_file: Path, tmp_path: Path
+) -> None:
+    expected = {r["row"]: r for r in in_process(target, tokenizer, input_file, tmp_path / "local.jsonl")}
+    output = tmp_path / "out.jsonl"
+    # Row 1 hangs; rows 0, 3 (two turns), 4, 5 and 6 are answered; then Ctrl-C arrives.
+    hanging = engine(target, tokenizer, hang_content="Hello", interrupt_after=6)
+    try:
+        with hanging as fake, pytest.raises(KeyboardInterrupt):
+            via_server(fake.url, target_dir, tokenizer, input_file, output, concurrency=6)
+    finally:
+        fake.behaviour.release.set()
+    written = read_output(output)
+    # Row 0 was written in order; 3 to 6 finished behind the hanging row and were kept too.
+    assert sorted(r["row"] for r in written) == [0, 3, 4, 5, 6]
+    assert all(r == expected[r["row"]] for r in written)
+    # The next run answers only what is missing, and the file then holds every row once.
+    with engine(target, tokenizer) as fake:
+        via_server(fake.url, target_dir, tokenizer, input_file, output)
+    assert fake.behaviour.chat_requests == 1
+    assert sorted(read_output(output), key=lambda r: r["row"]) == list(expected.values())
 
 
 def test_an_unreachable_server_stops_after_a_few_rows(
