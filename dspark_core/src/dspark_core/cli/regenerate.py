@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--output", "-o", required=True, metavar="JSONL", help="where to write; an existing file is resumed"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="rows generated together (default 8)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="rows generated together in process (default 8)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=256, help="tokens per response (default 256)")
     parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
