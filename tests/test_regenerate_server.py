@@ -107,6 +107,9 @@ class FakeEngine:
                     self.connection.close()
                     return
                 self.send_json(status, payload)
+                if status == 200:
+                    with engine.lock:  # counted once the client has the whole answer
+                        engine.behaviour.answered += 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -133,6 +136,7 @@ class FakeEngine:
                     if b.answered >= b.interrupt_after:
                         break
                 time.sleep(0.01)
+            time.sleep(0.5)  # the client reads the last answers it was sent
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
             b.release.wait(timeout=60)
             return 503, {"error": {"message": "gave up"}}
@@ -149,8 +153,6 @@ class FakeEngine:
         }
         if b.return_token_ids and request.get("return_token_ids"):
             choice["token_ids"] = returned
-        with self.lock:
-            b.answered += 1
         return 200, {"choices": [choice], "usage": {"completion_tokens": len(returned)}}
 
     def __enter__(self) -> FakeEngine:
