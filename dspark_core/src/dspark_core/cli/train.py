@@ -21,6 +21,7 @@ HELP = "train a DSpark draft for a target on a chat dataset (DDP/FSDP under torc
 
 # Flags whose names differ from the field name (the field's own spelling works too).
 _ALIASES = {"output_dir": ("--output", "-o")}
+_LIST_METAVARS = {"report_to": "BACKEND"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(option.hint) is list and typing.get_args(option.hint) == (str,):
             kwargs["nargs"] = "+"
-            kwargs["metavar"] = "PATH"
+            kwargs["metavar"] = _LIST_METAVARS.get(option.name, "PATH")
         else:
             kwargs["metavar"] = option.name.upper()
         groups[option.section].add_argument(*names, **kwargs)
@@ -97,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     config.validate()
+    from dspark_core.training.tracking import check_backends
+
+    check_backends(config.report_to)  # before torch is imported: a missing tracker is one line at once
     if args.nproc_per_node is not None and args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         return _launch_torchrun(config, args.nproc_per_node)
     from dspark_core.training.trainer import train

@@ -10,10 +10,11 @@ each output line is::
     {"messages": [...], "row": 12, "source": "data.jsonl:13"}
 
 ``row`` is the 0-based index of the input row over all input files. Output is appended batch by
-batch and flushed, so the command is resumable: rows up to the last ``row`` written are skipped, and
-a torn last line from a killed run is dropped first. Each batch samples from its own seed (derived
+batch and flushed, so the command is resumable: the rows already written are skipped, and a torn
+last line from a killed run is dropped first. Each batch samples from its own seed (derived
 from ``seed`` and its first row), so a run resumed at a batch boundary writes what an uninterrupted
-run would have written.
+run would have written. :mod:`dspark_core.datagen.server` answers the same rows through a serving
+engine instead, sharing this module's reading, resuming and writing (:func:`regeneration_run`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +40,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RegenerateStats",
+    "RegenerationRun",
     "SamplingConfig",
     "chat_rows_from_prompts",
+    "conversation_plan",
     "generate_responses",
     "regenerate",
     "regenerate_rows",
+    "regeneration_run",
     "resume_point",
+    "written_rows",
 ]
 
 
@@ -186,13 +192,7 @@ def regenerate_rows(
     far to one batched generation, so a batch needs as many generations as its longest row has
     assistant turns.
     """
-    # Each row becomes its prompt turns with placeholders for the responses to write.
-    plans: list[list[dict[str, Any]]] = []
-    for row in rows:
-        turns = [m.as_dict() for m in row.messages]
-        if turns and turns[-1]["role"] != "assistant":
-            turns.append({"role": "assistant", "content": ""})
-        plans.append(turns)
+    plans = [conversation_plan(row) for row in rows]
     pending = [[i for i, m in enumerate(plan) if m["role"] == "assistant"] for plan in plans]
     turns_done = 0
     tokens = 0
@@ -215,33 +215,44 @@ def regenerate_rows(
     return plans, turns_done, tokens
 
 
+def _written_lines(path: Path) -> list[tuple[int, str]]:
+    """The complete lines of a regenerate output file, after removing a torn last line."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        # A run killed while writing: keep everything up to the last complete line.
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+        data = data[:keep]
+    return [(n, line) for n, line in enumerate(data.decode("utf-8").splitlines(), start=1) if line.strip()]
+
+
+def written_rows(output_path: str | Path) -> set[int]:
+    """The input ``row`` indices already in ``output_path`` (a torn last line is removed first).
+
+    Resuming skips exactly these rows, so rows that failed (on a server) are retried by the next run
+    even when later rows were written.
+    """
+    path = Path(output_path)
+    rows: set[int] = set()
+    for line_no, line in _written_lines(path):
+        try:
+            rows.add(int(json.loads(line)["row"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(
+                f"{path}:{line_no}: not a line written by regenerate ({exc}); cannot resume into this file"
+            ) from exc
+    return rows
+
+
 def resume_point(output_path: str | Path) -> int:
     """The last input ``row`` index already in ``output_path`` (-1 when none).
 
     A torn last line (a run killed while writing) is removed from the file first.
     """
-    path = Path(output_path)
-    if not path.exists():
-        return -1
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        # Keep everything up to the last complete line.
-        keep = data.rfind(b"\n") + 1
-        with path.open("r+b") as handle:
-            handle.truncate(keep)
-        data = data[:keep]
-    last = -1
-    for line_no, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            last = max(last, int(record["row"]))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(
-                f"{path}:{line_no}: not a line written by regenerate ({exc}); cannot resume into this file"
-            ) from exc
-    return last
+    return max(written_rows(output_path), default=-1)
 
 
 def _chat_rows(paths: Sequence[str | Path]) -> Iterator[tuple[int, ChatRow | TokenRow]]:
@@ -265,7 +276,7 @@ def _input_rows(
 def _rows_to_answer(
     source: Iterable[tuple[int, ChatRow | TokenRow]],
     *,
-    done: int,
+    done: Container[int],
     limit: int | None,
     stats: RegenerateStats,
     skipped: Callable[[int], object],
@@ -275,7 +286,7 @@ def _rows_to_answer(
         if limit is not None and index >= limit:
             return
         stats.rows_read += 1
-        if index <= done:
+        if index in done:
             stats.rows_already_done += 1
             skipped(1)
             continue
@@ -290,36 +301,82 @@ def _rows_to_answer(
         yield index, row
 
 
+def conversation_plan(row: ChatRow) -> list[dict[str, Any]]:
+    """A row's turns as dicts, with an empty assistant turn appended when it ends on another role.
+
+    Every assistant turn of the plan is to be (re)written by the target, in order.
+    """
+    turns: list[dict[str, Any]] = [m.as_dict() for m in row.messages]
+    if turns and turns[-1]["role"] != "assistant":
+        turns.append({"role": "assistant", "content": ""})
+    return turns
+
+
 @dataclass
-class _AnswerWriter:
-    """Answers one batch of rows and appends them durably (fsync per batch, so resume is exact)."""
+class RegenerationRun:
+    """One regenerate call's shared state: the rows still to answer, the output file and the counts.
 
-    target: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    sampling: SamplingConfig
-    chat_template_kwargs: Mapping[str, Any] | None
-    handle: Any
+    Both generators (in process, and through a server) answer ``rows`` and hand each answered row to
+    :meth:`write`, then call :meth:`commit`, which makes everything written so far durable.
+    """
+
+    rows: Iterator[tuple[int, ChatRow]]
     stats: RegenerateStats
-    advance: Callable[[int], object]
+    bar: Any
+    handle: Any
 
-    def write(self, batch: Sequence[tuple[int, ChatRow]]) -> None:
-        conversations, turns, tokens = regenerate_rows(
-            self.target,
-            self.tokenizer,
-            [row for _, row in batch],
-            self.sampling,
-            chat_template_kwargs=self.chat_template_kwargs,
-            seed=rank_seed(self.sampling.seed, batch[0][0], "regenerate-batch"),
-        )
-        for (index, row), messages in zip(batch, conversations, strict=True):
-            record = {"messages": messages, "row": index, "source": str(row.origin) if row.origin else None}
-            self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    def write(self, index: int, row: ChatRow, messages: Sequence[Mapping[str, Any]]) -> None:
+        record = {"messages": list(messages), "row": index, "source": str(row.origin) if row.origin else None}
+        self.handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.stats.rows_written += 1
+
+    def commit(self, rows: int) -> None:
+        """Flush and fsync (so a resumed run skips exactly what is on disk); advance the bar."""
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        self.stats.rows_written += len(batch)
-        self.stats.turns_generated += turns
-        self.stats.tokens_generated += tokens
-        self.advance(len(batch))
+        self.bar.update(rows)
+
+    def note(self, message: str) -> None:
+        """Print a line above the progress bar."""
+        self.bar.write(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def regeneration_run(
+    inputs: str | Path | Sequence[str | Path] | Iterable[ChatRow],
+    output_path: str | Path,
+    *,
+    limit: int | None,
+    progress: bool,
+    stats: RegenerateStats | None = None,
+) -> Iterator[RegenerationRun]:
+    """Open ``output_path`` for appending, after the rows it already holds, with a progress bar.
+
+    ``stats`` (a fresh :class:`RegenerateStats` by default) receives the counts.
+    """
+    from tqdm.auto import tqdm
+
+    output = Path(output_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = written_rows(output)
+    stats = RegenerateStats() if stats is None else stats
+    bar = tqdm(total=limit, desc="regenerate", unit="row", disable=not progress, dynamic_ncols=True)
+    try:
+        with output.open("a", encoding="utf-8") as handle:
+            rows = _rows_to_answer(
+                _input_rows(inputs), done=done, limit=limit, stats=stats, skipped=bar.update
+            )
+            yield RegenerationRun(rows, stats, bar, handle)
+    finally:
+        bar.close()
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if tokenizer.chat_template is None:
+        raise DatasetError(
+            "the tokenizer has no chat template, so chat rows cannot be rendered for the target; set "
+            "tokenizer.chat_template"
+        )
 
 
 def regenerate(
@@ -340,48 +397,41 @@ def regenerate(
     Resumes an existing ``output_path``; ``limit`` stops after that many input rows (counted from
     the first input row, done or not).
     """
-    from tqdm.auto import tqdm
-
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if tokenizer.chat_template is None:
-        raise DatasetError(
-            "the tokenizer has no chat template, so chat rows cannot be rendered for the target; set "
-            "tokenizer.chat_template"
-        )
-    output = Path(output_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    done = resume_point(output)
-    stats = RegenerateStats()
+    check_chat_template(tokenizer)
+    sampling = sampling or SamplingConfig()
     was_training = target.training
     target.eval()
-    bar = tqdm(total=limit, desc="regenerate", unit="row", disable=not progress, dynamic_ncols=True)
+
+    def answer(run: RegenerationRun, batch: Sequence[tuple[int, ChatRow]]) -> None:
+        conversations, turns, tokens = regenerate_rows(
+            target,
+            tokenizer,
+            [row for _, row in batch],
+            sampling,
+            chat_template_kwargs=chat_template_kwargs,
+            seed=rank_seed(sampling.seed, batch[0][0], "regenerate-batch"),
+        )
+        for (index, row), messages in zip(batch, conversations, strict=True):
+            run.write(index, row, messages)
+        run.stats.turns_generated += turns
+        run.stats.tokens_generated += tokens
+        run.commit(len(batch))
+
     try:
-        with output.open("a", encoding="utf-8") as handle:
-            writer = _AnswerWriter(
-                target,
-                tokenizer,
-                sampling or SamplingConfig(),
-                chat_template_kwargs,
-                handle,
-                stats,
-                bar.update,
-            )
-            rows = _rows_to_answer(
-                _input_rows(inputs), done=done, limit=limit, stats=stats, skipped=bar.update
-            )
+        with regeneration_run(inputs, output_path, limit=limit, progress=progress) as run:
             batch: list[tuple[int, ChatRow]] = []
-            for item in rows:
+            for item in run.rows:
                 batch.append(item)
                 if len(batch) == batch_size:
-                    writer.write(batch)
+                    answer(run, batch)
                     batch = []
             if batch:
-                writer.write(batch)
+                answer(run, batch)
     finally:
-        bar.close()
         target.train(was_training)
-    return stats
+    return run.stats
 
 
 def chat_rows_from_prompts(prompts: Iterable[str], system: str | None = None) -> list[ChatRow]:

@@ -168,6 +168,13 @@ class TrainConfig:
         "stop (with a checkpoint) at this step, e.g. to fit a job's time limit; resume later with --resume",
     )
     progress: bool = _f(True, "show a progress bar")
+    report_to: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "also log metrics.jsonl's figures to these trackers (comma-separated): tensorboard, "
+            "wandb, mlflow, trackio; each needs its extra, e.g. pip install 'dspark-core[tensorboard]'"
+        },
+    )
 
     # -- evaluation ---------------------------------------------------------------------------
     eval_every: int = _f(0, "optimizer steps between decoding evaluations; 0 disables them")
@@ -255,6 +262,7 @@ RUN_CONTROL_FIELDS = frozenset(
         "keep_last",
         "stop_at_step",
         "progress",
+        "report_to",
         "eval_every",
         "eval_data",
         "eval_prompts",
@@ -360,6 +368,10 @@ def _flat_items(values: Mapping[str, Any]) -> Iterator[tuple[str, Any, str | Non
 
 def _effective(leaves: dict[str, Any]) -> dict[str, Any]:
     """The options as the trainer uses them."""
+    if "report_to" in leaves:
+        from dspark_core.training.tracking import normalise_report_to
+
+        leaves = {**leaves, "report_to": normalise_report_to(leaves["report_to"])}
     # Without a Markov head there are no Markov features: say so in the config itself.
     if leaves.get("markov_rank") == 0 and leaves.get("confidence_head_with_markov"):
         return {**leaves, "confidence_head_with_markov": False}
@@ -484,6 +496,11 @@ def _problems(v: Mapping[str, Any], *, require_paths: bool) -> list[str]:
         problems.append(f"stop_at_step must be >= 1, got {v['stop_at_step']}")
     if v["resume"] and v["overwrite"]:
         problems.append("resume and overwrite exclude each other")
+    from dspark_core.training.tracking import BACKENDS
+
+    unknown = [name for name in v["report_to"] if name not in BACKENDS]
+    if unknown:
+        problems.append(f"report_to: unknown {', '.join(unknown)}; choose among {', '.join(BACKENDS)}")
     if v["eval_every"] and not v["eval_data"]:
         problems.append("eval_every needs eval_data (a JSONL file of chat rows, or 'demo')")
     return problems

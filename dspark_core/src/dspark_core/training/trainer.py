@@ -43,6 +43,7 @@ from dspark_core.training.optim import WarmupCosine, apply_learning_rate, build_
 from dspark_core.training.rng import RngStreams
 from dspark_core.training.run_dir import RunDirectory, RunDirectoryError
 from dspark_core.training.setup import build_draft, load_target, load_training_data
+from dspark_core.training.tracking import Trackers, check_backends, open_trackers
 
 __all__ = [
     "LossSpikeError",
@@ -95,6 +96,8 @@ class Trainer:
         self.run_dir = Path(config.output_dir)
         self.checkpointer = Checkpointer(self.run_dir, config.keep_last, ctx)
         self.metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", active=ctx.is_main)
+        # Every rank checks, so a missing tracker stops all of them before anything is loaded.
+        check_backends(config.report_to)
         dtype = resolve_dtype(config.precision, ctx.device)
         self.autocast_dtype = torch.bfloat16 if dtype == torch.bfloat16 else None
         self.attention = resolve_attention(config.attn_implementation, ctx.device)
@@ -179,13 +182,18 @@ class Trainer:
         self.model.train()
         last_metrics: dict[str, Any] = {}
         started = time.perf_counter()
-        with self._progress_bar():
+        # The trackers get what metrics.jsonl gets, from rank 0, for this call of train().
+        trackers = Trackers()
+        if self.ctx.is_main:
+            trackers = open_trackers(config.report_to, self.run_dir, config.to_dict())
+        with self._progress_bar(), contextlib.closing(trackers):
             while self.step < end:
                 lr, grad_norm = self.train_step(batches)
                 paused = time.perf_counter()
                 record = self._log_record(lr, grad_norm, time.perf_counter() - started)
                 if record:
                     self.metrics_log.write(record)
+                    trackers.log(record)
                     last_metrics = record
                 if self.step % config.save_every == 0 or self.step in (end, config.max_steps):
                     self.save_checkpoint()
