@@ -355,6 +355,22 @@ _DS = "DeepSpec main @afdfa7c9"
 _DS_MODEL = f"{_DS} deepspec/modeling/dspark/qwen3/modeling.py"
 _DS_MARKOV = f"{_DS} deepspec/modeling/dspark/markov_head.py"
 
+# Rules of DeepSpec's shared modules, so every DeepSpec family's block states them once.
+_DEEPSPEC_MARKOV_HEAD_TYPES = Rule(
+    "markov-head-types",
+    "markov_head_types",
+    ("vanilla", "gated", "rnn"),
+    "build_markov_head builds vanilla, gated and rnn heads",
+    f"{_DS_MARKOV}:287-311",
+)
+_DEEPSPEC_EMBEDDING_LAYER = Rule(
+    "embedding-layer",
+    "embedding_layer",
+    True,
+    "id -1 reads hidden_states[0], the embedding output",
+    f"{_DS} deepspec/modeling/dspark/common.py:52-56",
+)
+
 DEEPSPEC = Engine(
     name="DeepSpec",
     key="deepspec",
@@ -376,13 +392,7 @@ DEEPSPEC = Engine(
             "Qwen3DSparkModel asserts each key is present, with no default",
             f"{_DS_MODEL}:207-224",
         ),
-        Rule(
-            "markov-head-types",
-            "markov_head_types",
-            ("vanilla", "gated", "rnn"),
-            "build_markov_head builds vanilla, gated and rnn heads",
-            f"{_DS_MARKOV}:287-311",
-        ),
+        _DEEPSPEC_MARKOV_HEAD_TYPES,
         Rule(
             "markov-rank-zero",
             "markov_rank_zero",
@@ -397,13 +407,7 @@ DEEPSPEC = Engine(
             "loads a confidence head with or without Markov features, as confidence_head_with_markov says",
             f"{_DS_MODEL}:255-267",
         ),
-        Rule(
-            "embedding-layer",
-            "embedding_layer",
-            True,
-            "id -1 reads hidden_states[0], the embedding output",
-            f"{_DS} deepspec/modeling/dspark/common.py:52-56",
-        ),
+        _DEEPSPEC_EMBEDDING_LAYER,
         Rule(
             "last-layer",
             "last_layer",
@@ -728,13 +732,7 @@ DEEPSPEC_GEMMA4 = Engine(
             "Gemma4DSparkModel asserts each key is present, with no default",
             f"{_DS_GEMMA4}/modeling.py:250-268",
         ),
-        Rule(
-            "markov-head-types",
-            "markov_head_types",
-            ("vanilla", "gated", "rnn"),
-            "build_markov_head builds vanilla, gated and rnn heads",
-            f"{_DS_MARKOV}:287-311",
-        ),
+        _DEEPSPEC_MARKOV_HEAD_TYPES,
         Rule(
             "markov-rank-zero",
             "markov_rank_zero",
@@ -749,13 +747,7 @@ DEEPSPEC_GEMMA4 = Engine(
             "loads a confidence head with or without Markov features",
             f"{_DS_GEMMA4}/modeling.py:305-318",
         ),
-        Rule(
-            "embedding-layer",
-            "embedding_layer",
-            True,
-            "id -1 reads hidden_states[0], the embedding output",
-            f"{_DS} deepspec/modeling/dspark/common.py:52-56",
-        ),
+        _DEEPSPEC_EMBEDDING_LAYER,
         Rule(
             "last-layer",
             "last_layer",

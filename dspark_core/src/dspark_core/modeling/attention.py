@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from dspark_core.errors import DraftConfigError
+
+if TYPE_CHECKING:
+    from dspark_core.modeling.draft import DraftKVCache
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
@@ -68,6 +71,37 @@ def block_attention(
     raise DraftConfigError(
         f"attention implementation {implementation!r} is not supported by DSpark drafts; "
         f"use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+    )
+
+
+def context_block_attention(
+    query: Tensor,
+    block_keys_values: tuple[Tensor, Tensor],
+    context_keys_values: tuple[Tensor, Tensor],
+    mask: Tensor | BlockMask | None,
+    *,
+    cache: DraftKVCache | None,
+    layer_index: int,
+    implementation: str,
+    scaling: float,
+) -> Tensor:
+    """The draft layer's attention: the block's ``query`` over ``[context ; block]`` keys and values.
+
+    With a decode-time ``cache`` the context keys/values are appended to layer ``layer_index``'s
+    cache first and the whole cached context is attended; the block's own keys are never cached.
+    Every family's layers call this, so the cache contract lives in one place. Returns ``[b, Q, h, d]``.
+    """
+    context_keys, context_values = context_keys_values
+    if cache is not None:
+        context_keys, context_values = cache.extend(layer_index, context_keys, context_values)
+    block_keys, block_values = block_keys_values
+    return block_attention(
+        query,
+        torch.cat([context_keys, block_keys], dim=2),
+        torch.cat([context_values, block_values], dim=2),
+        mask,
+        implementation=implementation,
+        scaling=scaling,
     )
 
 

@@ -26,7 +26,7 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 from dspark_core.errors import DraftConfigError
-from dspark_core.modeling.attention import apply_rotary, block_attention
+from dspark_core.modeling.attention import apply_rotary, context_block_attention
 from dspark_core.modeling.draft import DraftKVCache, DSparkDraftModel
 from dspark_core.modeling.draft_config import DraftFamily
 
@@ -121,18 +121,13 @@ class DSparkAttention(nn.Module):
         b, q_len, _ = hidden.shape
         queries = self.q_norm(self.q_proj(hidden).view(b, q_len, self.num_heads, self.head_dim))
         queries = apply_rotary(queries.transpose(1, 2), *block_rope)
-        block_keys, block_values = self._keys_values(hidden, block_rope)
-        context_keys, context_values = self._keys_values(context, context_rope)
-        if cache is not None:
-            # Only context rows enter the cache; the block's keys never outlive this call.
-            context_keys, context_values = cache.extend(layer_index, context_keys, context_values)
-        keys = torch.cat([context_keys, block_keys], dim=2)
-        values = torch.cat([context_values, block_values], dim=2)
-        out = block_attention(
+        out = context_block_attention(
             queries,
-            keys,
-            values,
+            self._keys_values(hidden, block_rope),
+            self._keys_values(context, context_rope),
             mask,
+            cache=cache,
+            layer_index=layer_index,
             implementation=self.config._attn_implementation or "sdpa",
             scaling=self.scaling,
         )
