@@ -62,9 +62,9 @@ class Behaviour:
     always_fail_content: str | None = None  # a user turn with this text always gets HTTP 500
     bad_request_content: str | None = None  # ... or HTTP 400 (not retried)
     hang_content: str | None = None  # a user turn with this text waits for `release`
-    interrupt_after: int = 0  # ... and SIGINTs this process once this many other requests are answered
+    interrupt_after: int = 0  # ... and SIGINTs this process once the client has this many other replies
     release: threading.Event = field(default_factory=threading.Event)
-    answered: int = 0
+    replies_received: int = 0  # counted by the client (CountingChatServer), after it parsed each reply
     chat_requests: int = 0
     seen: list[dict[str, Any]] = field(default_factory=list)
 
@@ -107,9 +107,6 @@ class FakeEngine:
                     self.connection.close()
                     return
                 self.send_json(status, payload)
-                if status == 200:
-                    with engine.lock:  # counted once the client has the whole answer
-                        engine.behaviour.answered += 1
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -131,12 +128,14 @@ class FakeEngine:
         if b.bad_request_content is not None and last_user == b.bad_request_content:
             return 400, {"error": {"message": "prompt too long"}}
         if b.hang_content is not None and last_user == b.hang_content:
+            # Wait until the client itself holds the other replies (counted on the client's side, so
+            # a loaded machine cannot make the signal overtake them), then let its threads return.
             while True:
                 with self.lock:
-                    if b.answered >= b.interrupt_after:
+                    if b.replies_received >= b.interrupt_after:
                         break
                 time.sleep(0.01)
-            time.sleep(0.5)  # the client reads the last answers it was sent
+            time.sleep(0.5)
             os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
             b.release.wait(timeout=60)
             return 503, {"error": {"message": "gave up"}}
@@ -207,10 +206,37 @@ def in_process(target: Any, tokenizer: Any, input_file: Path, output: Path) -> l
     return read_output(output)
 
 
+class CountingChatServer(ChatServer):
+    """The real client, counting in ``behaviour`` each reply it has received and parsed."""
+
+    def __init__(self, url: str, behaviour: Behaviour | None, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.behaviour = behaviour
+        self.lock = threading.Lock()
+
+    def chat(self, *args: Any, **kwargs: Any) -> Any:
+        reply = super().chat(*args, **kwargs)
+        if self.behaviour is not None:
+            with self.lock:
+                self.behaviour.replies_received += 1
+        return reply
+
+
 def via_server(
-    url: str, target_dir: Path, tokenizer: Any, input_file: Path, output: Path, **options: Any
+    url: str,
+    target_dir: Path,
+    tokenizer: Any,
+    input_file: Path,
+    output: Path,
+    fake: FakeEngine | None = None,
+    **options: Any,
 ) -> Any:
-    server = ChatServer(url, retries=options.pop("retries", 3), backoff=0.01)
+    server = CountingChatServer(
+        url,
+        None if fake is None else fake.behaviour,
+        retries=options.pop("retries", 3),
+        backoff=0.01,
+    )
     return regenerate_via_server(
         server,
         tokenizer,
@@ -342,7 +368,7 @@ def test_ctrl_c_keeps_the_rows_that_finished_behind_an_unfinished_one(
     hanging = engine(target, tokenizer, hang_content="Hello", interrupt_after=6)
     try:
         with hanging as fake, pytest.raises(KeyboardInterrupt):
-            via_server(fake.url, target_dir, tokenizer, input_file, output, concurrency=6)
+            via_server(fake.url, target_dir, tokenizer, input_file, output, fake, concurrency=6)
     finally:
         fake.behaviour.release.set()
     written = read_output(output)
