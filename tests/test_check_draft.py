@@ -24,12 +24,14 @@ from dspark_core.modeling.draft_config import TargetLayerWarning
 from dspark_core.serving import (
     CHECKS,
     ENGINES,
+    DraftFacts,
     Release,
     check_draft,
     draft_facts,
     engine_release,
     serving_summary,
 )
+from dspark_core.serving_flags import vllm_serving
 from dspark_core.training.setup import warn_unservable
 from dspark_qwen3.config import build_draft_config
 
@@ -263,6 +265,129 @@ def test_a_reduced_vocabulary_is_served_by_vllm_alone(
         _, payload = check(capsys, broken, "--engine-version", f"vllm={release}")
         result = rule(verdicts(payload)["vLLM"], "reduced-vocabulary")
         assert not result["ok"] and "d2t absent" in result["detail"] and words in result["detail"]
+
+
+def gemma4_config(**overrides: Any) -> dict[str, Any]:
+    """The fields the rules read from a Gemma 4 draft's config.json, as dspark-gemma4 writes them (a
+    tiny draft: one full-attention layer with K = V, r = 8, a confidence head with Markov features)."""
+    config: dict[str, Any] = {
+        "architectures": ["Gemma4DSparkModel"],
+        "model_type": "gemma4_text",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "layer_types": ["full_attention"],
+        "attention_k_eq_v": True,
+        "final_logit_softcapping": 30.0,
+        "num_target_layers": TARGET_LAYERS,
+        "target_layer_ids": [0, 2],
+        "mask_token_id": VOCAB - 1,
+        "block_size": 4,
+        "num_anchors": 8,
+        "markov_rank": 8,
+        "markov_head_type": "vanilla",
+        "enable_confidence_head": True,
+        "confidence_head_with_markov": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def gemma4_vllm(config: dict[str, Any], release: str, facts: DraftFacts | None = None) -> Any:
+    facts = facts or draft_facts(config)
+    (verdict,) = [v for v in check_draft(facts, releases={"vllm": release}) if v.engine == "vLLM"]
+    assert verdict.version == release
+    return verdict
+
+
+def gemma4_rule(verdict: Any, name: str) -> Any:
+    (found,) = [r for r in verdict.results if r.rule == name]
+    return found
+
+
+@pytest.mark.parametrize(
+    "release", ["0.26", "0.27", "0.27.1", "0.28", "0.29", "0.30", "0.31", "0.33", "0.34"]
+)
+def test_gemma4_vllm_confidence_head_and_serving_flag_per_release(release: str) -> None:
+    """vLLM's Gemma 4 loader skips a confidence head up to 0.30 (and from 0.28 the speculator reads the
+    head it lacks under enable_adaptive_verification), and builds it from 0.31: the flag is printed only
+    then."""
+    facts, parsed = draft_facts(gemma4_config()), Release.parse(release)
+    verdict = gemma4_vllm(dict(facts.config), release)
+    assert verdict.ok and not [r.rule for r in verdict.results if not r.ok]
+    head = gemma4_rule(verdict, "confidence-head")
+    assert head.ok and head.verified and head.informational
+    assert "a confidence head with Markov features" in head.detail
+    built = parsed >= Release.parse("0.31")
+    speculative = vllm_serving("draft", facts, parsed)["speculative_config"]
+    assert ("enable_adaptive_verification" in speculative) == built
+    if built:
+        assert "uses it only with enable_adaptive_verification" in head.detail
+        assert "vllm 0.31.0" in head.citation and "0.34.0" in head.citation
+    else:
+        assert "skips confidence_head weights" in head.detail
+        adaptive = parsed >= Release.parse("0.28")  # the flag exists, and would fail on the absent head
+        first = "0.28.0" if adaptive else "0.26.0"
+        assert f"vllm {first} vllm/model_executor/models/gemma4_dspark.py:" in head.citation
+        assert ("leave that off" in head.detail) == adaptive
+        assert ("speculator.py:" in head.citation) == adaptive
+    # A Qwen3 draft with the same head gets the flag from 0.28 (adaptive verification's first release).
+    qwen3 = draft_facts({**gemma4_config(), "architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"})
+    qwen3_config = vllm_serving("draft", qwen3, Release.parse(release))["speculative_config"]
+    assert ("enable_adaptive_verification" in qwen3_config) == (parsed >= Release.parse("0.28"))
+
+
+def test_gemma4_vllm_reads_the_embedding_layer_minus_one() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TargetLayerWarning)
+        config = gemma4_config(target_layer_ids=[-1, 1])
+        for release in ("0.26", "0.34"):
+            verdict = gemma4_vllm(config, release)
+            embedding = gemma4_rule(verdict, "embedding-layer")
+            assert verdict.ok and embedding.ok and embedding.verified
+            assert "the scaled embedding output" in embedding.detail
+            assert "gemma4.py:" in embedding.citation and "eagle3_utils.py:" in embedding.citation
+    # A draft without -1 gets no embedding-layer reading.
+    assert not [r for r in gemma4_vllm(gemma4_config(), "0.34").results if r.rule == "embedding-layer"]
+
+
+def test_gemma4_vllm_markov_rank_zero_loads_only_on_0_26() -> None:
+    """0.26 builds the rank-0 head from modules the missing-weight check passes over (unverified at run
+    time, as for Qwen3); from 0.27 markov_w1 is a plain nn.Embedding and the check raises."""
+    config = gemma4_config(markov_rank=0, confidence_head_with_markov=False)
+    old = gemma4_vllm(config, "0.26")
+    zero = gemma4_rule(old, "markov-rank-zero")
+    assert old.ok and zero.ok and not zero.verified and zero.detail.startswith("unverified: ")
+    for release in ("0.27", "0.30", "0.34"):
+        verdict = gemma4_vllm(config, release)
+        assert [r.rule for r in verdict.results if not r.ok] == ["markov-rank-zero"]
+        zero = gemma4_rule(verdict, "markov-rank-zero")
+        assert zero.verified and "missing-weight check raises" in zero.detail
+        assert "default_loader.py:" in zero.citation
+    # vLLM's Qwen3 loader returns no names, so no check runs: its r = 0 reading stays as it was.
+    qwen3 = {**config, "architectures": ["Qwen3DSparkModel"], "model_type": "qwen3"}
+    qwen3_zero = gemma4_rule(gemma4_vllm(qwen3, "0.34"), "markov-rank-zero")
+    assert qwen3_zero.ok and not qwen3_zero.verified
+
+
+def test_gemma4_vllm_refuses_a_reduced_vocabulary() -> None:
+    size = VOCAB // 2
+    config = gemma4_config(draft_vocab_size=size)
+    shapes = {"lm_head.weight": (size, 32), "d2t": (size,), "markov_head.markov_w2.weight": (size, 8)}
+    shapes |= {"embed_tokens.weight": (VOCAB, 32), "markov_head.markov_w1.weight": (VOCAB, 8)}
+    with_checkpoint = DraftFacts(config, frozenset(shapes), shapes)
+    for release in ("0.26", "0.34"):
+        for facts in (draft_facts(config), with_checkpoint):
+            verdict = gemma4_vllm(config, release, facts)
+            assert [r.rule for r in verdict.results if not r.ok] == ["reduced-vocabulary"]
+            reduced = gemma4_rule(verdict, "reduced-vocabulary")
+            assert f"draft_vocab_size {size} < vocab_size {VOCAB}" in reduced.detail
+            assert "lm_head [K, H] does not load" in reduced.detail and reduced.verified
+            assert "vocab_parallel_embedding.py:" in reduced.citation
+    # DeepSpec's Gemma 4 draft has a full-vocabulary lm_head too; a full vocabulary has no such reading.
+    (deepspec,) = [v for v in check_draft(draft_facts(config)) if v.engine == "DeepSpec"]
+    assert [r.rule for r in deepspec.results if not r.ok] == ["reduced-vocabulary"]
+    assert not [r for r in gemma4_vllm(gemma4_config(), "0.34").results if r.rule == "reduced-vocabulary"]
 
 
 def test_a_checkpoint_without_the_target_weights(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -162,6 +162,47 @@ def test_check_draft_names_what_vllm_refuses(trained: Path, tmp_path: Path) -> N
     assert deepspec.ok  # DeepSpec has v_proj drafts and gated Markov heads
 
 
+def test_check_draft_gemma4_vllm_readings(trained: Path) -> None:
+    """vLLM's Gemma 4 loader per release: the confidence head is built (and the adaptive-verification
+    flag printed) from 0.31; the embedding layer -1 is read; r = 0 is refused from 0.27 (the missing-weight
+    check); a reduced vocabulary is refused (a full-vocabulary lm_head, no d2t)."""
+    from dspark_core.serving import check_draft, read_draft_dir
+
+    for release, built in (("0.30", False), ("0.34", True)):
+        payload = json.loads(
+            dspark("check-draft", "--json", "--engine-version", f"vllm={release}", str(trained)).stdout
+        )
+        vllm = {v["engine"]: v for v in payload["verdicts"]}["vLLM"]
+        assert vllm["ok"] and payload["releases"]["vllm"] == release
+        (head,) = [rule for rule in vllm["rules"] if rule["rule"] == "confidence-head"]
+        assert ("uses it only with enable_adaptive_verification" in head["detail"]) == built
+        speculative = payload["serving"]["vllm"]["speculative_config"]
+        assert speculative.get("enable_adaptive_verification", False) == built
+
+    facts = read_draft_dir(trained)
+    assert facts.config["enable_confidence_head"] and facts.markov_rank == 16
+
+    def vllm_at(release: str, tensor_names: frozenset[str] | None = None, **config: Any) -> Any:
+        edited = dataclasses.replace(
+            facts, config={**facts.config, **config}, tensor_names=tensor_names or facts.tensor_names
+        )
+        return {v.engine: v for v in check_draft(edited, releases={"vllm": release})}["vLLM"]
+
+    embedding = vllm_at("0.34", target_layer_ids=[-1, 2])
+    assert embedding.ok and any(r.rule == "embedding-layer" and r.ok for r in embedding.results)
+
+    assert facts.tensor_names is not None
+    no_markov = frozenset(name for name in facts.tensor_names if not name.startswith("markov_head."))
+    rank_zero = {"markov_rank": 0, "confidence_head_with_markov": False}
+    assert vllm_at("0.26", no_markov, **rank_zero).ok  # unverified at run time
+    refused = vllm_at("0.34", no_markov, **rank_zero)
+    assert not refused.ok and any("missing-weight check raises" in reason for reason in refused.reasons)
+
+    vocab = int(facts.config["vocab_size"])
+    reduced = vllm_at("0.34", draft_vocab_size=vocab // 2)
+    assert not reduced.ok and any("lm_head [K, H] does not load" in reason for reason in reduced.reasons)
+
+
 def test_greedy_speculative_equals_generate_past_the_sliding_window(target_dir: Path, trained: Path) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     draft = load_draft(trained, target)

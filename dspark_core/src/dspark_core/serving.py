@@ -43,6 +43,7 @@ __all__ = [
     "check_draft",
     "draft_facts",
     "engine_release",
+    "engine_rule",
     "read_draft_dir",
     "serving_summary",
 ]
@@ -449,6 +450,11 @@ _V_SPEC = "v1/worker/gpu/spec_decode"
 _RECEIVES = (
     "the draft vocabulary is served: lm_head [K, H], markov_w2 [K, r] and d2t [K] load from the checkpoint"
 )
+#: Why a loader that builds a rank-0 Markov head and loads the draft is still unverified for r = 0.
+_ZERO_WIDTH = (
+    "no released source refuses r = 0, but whether the speculator runs a zero-width Markov projection "
+    "is decided only at run time, which needs a GPU and the engine"
+)
 
 VLLM = Engine(
     name="vLLM",
@@ -492,8 +498,7 @@ VLLM = Engine(
             "the loader builds a rank-0 Markov head without a check, and its load_weights returns no "
             "names, so no missing-weight check runs",
             f"{_V25}/{_V_MODEL}:84-92,150-186 (0.34.0: {_V_MODEL}:207-219,321-359)",
-            unverified="no released source refuses r = 0, but whether the speculator runs a zero-width "
-            "Markov projection is decided only at run time, which needs a GPU and the engine",
+            unverified=_ZERO_WIDTH,
         ),
         Rule(
             "confidence-head",
@@ -686,11 +691,13 @@ SGLANG = Engine(
 #: below; check_draft applies, per engine name, the block whose architectures name the draft.
 # -- the engines' rules (Gemma 4 drafts, dspark-gemma4) ---------------------------------------------------
 # A Gemma4DSparkModel draft is a block of its own in each engine that has a loader for it. Read from
-# vLLM's wheels (gemma4_dspark.py first ships in 0.26.0; lines cited from 0.34.0) and DeepSpec main at
-# afdfa7c9. No SGLang release from 0.5.16 to 0.5.23 has a Gemma 4 DSpark model: its Qwen3 block's
-# dispatch refuses the draft.
+# vLLM's wheels 0.26.0 to 0.34.0 (gemma4_dspark.py first ships in 0.26.0; every release in between was
+# read where a rule could change: a rule cites 0.34.0's lines, or the first release of its range with
+# 0.34.0's lines where they moved) and DeepSpec main at afdfa7c9. No SGLang release from 0.5.16 to
+# 0.5.23 has a Gemma 4 DSpark model: its Qwen3 block's dispatch refuses the draft.
 
 _DS_GEMMA4 = f"{_DS} deepspec/modeling/dspark/gemma4"
+_V26 = "vllm 0.26.0 vllm"
 _V_GEMMA4 = "model_executor/models/gemma4_dspark.py"
 
 
@@ -806,9 +813,76 @@ VLLM_GEMMA4 = Engine(
         Rule(
             "markov-rank-zero",
             "markov_rank_zero",
+            True,
+            "the Markov head is built at any rank from a VocabParallelEmbedding and a ParallelLMHead, "
+            "modules the missing-weight check passes over, so a checkpoint without markov_head "
+            "tensors loads",
+            f"{_V26}/{_V_GEMMA4}:179-187,291-312, {_V_MODEL}:54-59, "
+            "model_executor/model_loader/default_loader.py:447-469",
+            since="0.26",
+            until="0.26",
+            unverified=_ZERO_WIDTH,
+        ),
+        Rule(
+            "markov-rank-zero",
+            "markov_rank_zero",
             False,
-            "the Markov head is built unconditionally",
-            f"{_V34}/{_V_GEMMA4}:195-200",
+            "the Markov head is built at any rank, its markov_w1 a plain nn.Embedding, and load_weights "
+            "returns the names it loaded, so the missing-weight check raises for "
+            "markov_head.markov_w1.weight, which a rank-0 checkpoint does not carry",
+            f"vllm 0.27.0 vllm/{_V_GEMMA4}:184-189,293-314, {_V_MODEL}:56, "
+            "model_executor/model_loader/default_loader.py:427,436-445,447-469 (0.34.0: "
+            f"{_V_GEMMA4}:195-200,326-344, {_V_MODEL}:72, default_loader.py:540,549-559,562-613)",
+            since="0.27",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "ignored",
+            "the loader skips confidence_head weights and builds no confidence head (0.26 and 0.27 "
+            "have no adaptive verification)",
+            f"{_V26}/{_V_GEMMA4}:297-298 (0.27.1: {_V_GEMMA4}:299-300)",
+            since="0.26",
+            until="0.27",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "ignored",
+            "the loader skips confidence_head weights and Gemma4DSparkModel has no confidence_head, "
+            "which the speculator reads under enable_adaptive_verification, so leave that off",
+            f"vllm 0.28.0 vllm/{_V_GEMMA4}:295-296, {_V_SPEC}/dspark/speculator.py:111 (0.29.0: "
+            f"{_V_GEMMA4}:299-300, speculator.py:111; 0.30.0: {_V_GEMMA4}:299-300, speculator.py:106-109)",
+            since="0.28",
+            until="0.30",
+        ),
+        Rule(
+            "confidence-head",
+            "confidence_head",
+            "adaptive",
+            "builds the head when enable_confidence_head and uses it only with enable_adaptive_verification",
+            f"vllm 0.31.0 vllm/{_V_GEMMA4}:194-205,309-331, {_V_SPEC}/dspark/speculator.py:106-109 "
+            f"(0.34.0: {_V_GEMMA4}:201-212,326-344, speculator.py:177-180)",
+            since="0.31",
+        ),
+        Rule(
+            "embedding-layer",
+            "embedding_layer",
+            True,
+            "id -1 becomes aux layer 0, captured before the first decoder layer: the scaled embedding "
+            "output (embed_tokens * sqrt(hidden_size)), as HF's hidden_states[0]",
+            f"{_V26}/model_executor/models/gemma4.py:840,1314,1326, {_V_SPEC}/eagle/eagle3_utils.py:53-55 "
+            "(0.34.0: gemma4.py:886,1367,1379, eagle3_utils.py:128-130)",
+            since="0.26",
+        ),
+        Rule(
+            "reduced-vocabulary",
+            "reduced_vocabulary",
+            False,
+            "lm_head is built [vocab_size, hidden] and its weight loader asserts vocab_size rows, so "
+            "lm_head [K, H] does not load; d2t is dropped (draft_id_to_target_id = None)",
+            f"{_V26}/{_V_GEMMA4}:280-289,299-310, model_executor/layers/vocab_parallel_embedding.py:465 "
+            f"(0.34.0: {_V_GEMMA4}:315-324,332-343, vocab_parallel_embedding.py:520)",
             since="0.26",
         ),
         Rule(
@@ -941,6 +1015,19 @@ def engine_release(key: str, text: str | None = None, engines: Iterable[Engine] 
             f"from {engine.source}"
         )
     return release
+
+
+def engine_rule(
+    key: str, facts: DraftFacts, release: Release, name: str, engines: Iterable[Engine] = ENGINES
+) -> Rule | None:
+    """The reading ``name`` at ``release`` of engine ``key``'s block that loads the draft.
+
+    None when no block of the engine names the draft's class, or that block has no such reading.
+    """
+    block = _dispatched([engine for engine in engines if engine.key == key], facts)
+    if block is None:
+        return None
+    return next((rule for rule in block.rules_for(release) if rule.name == name), None)
 
 
 def check_draft(

@@ -1,9 +1,11 @@
 """The command lines that serve a saved draft with vLLM or SGLang, per release.
 
 Read from the same released sources as :mod:`dspark_core.serving`: vLLM takes the draft through
-``--speculative-config`` (``enable_adaptive_verification`` exists from 0.28, and only then is a
-confidence head used); SGLang through ``--speculative-algorithm DSPARK`` with the block size as
-gamma, and its confidence head only under a non-static ``SGLANG_RAGGED_VERIFY_MODE``. Torch-free.
+``--speculative-config`` (``enable_adaptive_verification`` exists from 0.28, and is given only where
+the draft's loader, per its ``confidence-head`` rule, builds the confidence head the flag uses: a
+Qwen3 draft from 0.28, a Gemma 4 draft from 0.31); SGLang through ``--speculative-algorithm DSPARK``
+with the block size as gamma, and its confidence head only under a non-static
+``SGLANG_RAGGED_VERIFY_MODE``. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from dspark_core.serving import DraftFacts, Release
+from dspark_core.serving import DraftFacts, Release, engine_rule
 
 __all__ = ["sglang_serving", "vllm_serving"]
 
-#: vLLM 0.28.0 added enable_adaptive_verification (config/speculative.py:241), the only switch
-#: under which its speculator uses the draft's confidence head.
-VLLM_ADAPTIVE_SINCE = Release.parse("0.28")
+#: The ``confidence-head`` readings of vLLM under which its speculator uses the draft's confidence
+#: head, with enable_adaptive_verification (added in 0.28.0, config/speculative.py:241), the only
+#: switch for it. Under "ignored" the flag is not printed: 0.25 to 0.27 have no such flag, and a Gemma 4
+#: draft's loader builds no confidence head before 0.31, so the flag fails there.
+VLLM_ADAPTIVE_READINGS = frozenset({"adaptive", "adaptive-required"})
 #: SGLang's ragged-verify modes that build the confidence head (srt/speculative/ragged_verify.py:13-16).
 SGLANG_CONFIDENCE_MODE = "cap-accept"
 TARGET_PLACEHOLDER = "TARGET"
@@ -39,7 +43,8 @@ def vllm_serving(
         # 0.25 to 0.33 require it; 0.34 defaults it to block_size: always give it.
         "num_speculative_tokens": _block_size(facts),
     }
-    if facts.confidence_head and not release.branch and release.parts >= VLLM_ADAPTIVE_SINCE.parts:
+    head = engine_rule("vllm", facts, release, "confidence-head")
+    if facts.confidence_head and head is not None and head.value in VLLM_ADAPTIVE_READINGS:
         config["enable_adaptive_verification"] = True
     command = " ".join(
         [
