@@ -24,7 +24,8 @@ __all__ = ["sglang_serving", "vllm_serving"]
 #: switch for it. Under "ignored" the flag is not printed: 0.25 to 0.27 have no such flag, and a Gemma 4
 #: draft's loader builds no confidence head before 0.31, so the flag fails there.
 VLLM_ADAPTIVE_READINGS = frozenset({"adaptive", "adaptive-required"})
-#: SGLang's ragged-verify modes that build the confidence head (srt/speculative/ragged_verify.py:13-16).
+#: SGLang's ragged-verify modes that build the confidence head (sglang 0.5.16 and 0.5.23
+#: sglang/srt/speculative/ragged_verify.py:13-16).
 SGLANG_CONFIDENCE_MODE = "cap-accept"
 TARGET_PLACEHOLDER = "TARGET"
 
