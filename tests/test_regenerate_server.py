@@ -9,7 +9,6 @@ per-row error report. The real engine (vLLM) is exercised by the ``engine`` nox 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -136,7 +135,9 @@ class FakeEngine:
                         break
                 time.sleep(0.01)
             time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C
+            # The user presses Ctrl-C; sent to the main thread itself, which is the one blocked waiting
+            # (a process-wide signal may be taken by another thread and leave it blocked).
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
             b.release.wait(timeout=60)
             return 503, {"error": {"message": "gave up"}}
         sampling = SamplingConfig(max_new_tokens=request["max_tokens"], temperature=request["temperature"])
