@@ -12,6 +12,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -360,6 +361,16 @@ def test_a_bad_request_is_not_retried_and_the_cli_reports_it_per_row(
     assert requests == 7  # asked once: a 400 is the request's fault, asking again cannot help
 
 
+@pytest.fixture
+def ctrl_c_raises() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt, as in an interactive shell. A shell without job control starts
+    background commands with SIGINT ignored, and Python keeps it so (CI launched that way did)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.usefixtures("ctrl_c_raises")
 def test_ctrl_c_keeps_the_rows_that_finished_behind_an_unfinished_one(
     target: Any, tokenizer: Any, target_dir: Path, input_file: Path, tmp_path: Path
 ) -> None:
